@@ -1,0 +1,67 @@
+"""Shared fixtures: small lesion-like images made in the test, so no data set is needed."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data" / "isic256"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+
+def lesion_image(size: int = 64, seed: int = 0) -> Image.Image:
+    """A skin-toned background with a darker, irregular elliptical blob and some texture."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    skin = np.array([0.85, 0.65, 0.55]) + rng.uniform(-0.05, 0.05, 3)
+    lesion = np.array([0.35, 0.2, 0.15]) + rng.uniform(-0.05, 0.05, 3)
+    cx, cy = rng.uniform(0.35, 0.65, 2)
+    rx, ry = rng.uniform(0.15, 0.3, 2)
+    angle = np.arctan2(yy - cy, xx - cx)
+    wobble = 1 + 0.15 * np.sin(3 * angle + rng.uniform(0, 6.28))
+    r = np.sqrt(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2) / wobble
+    inside = np.clip(1.5 - r, 0, 1)[..., None]
+    img = skin * (1 - inside) + lesion * inside
+    img += rng.normal(0, 0.02, img.shape)
+    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+
+
+def write_images(folder: Path, n: int, size: int = 64, start_seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"lesion_{i:03d}.{'png' if i % 2 else 'jpg'}"
+        lesion_image(size, seed=start_seed + i).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """16 lesion images (64 px), half benign and half malignant in labels.csv beside them."""
+    folder = tmp_path / "images"
+    paths = write_images(folder / "train", 16)
+    with open(folder / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "label_if_known"])
+        for i, p in enumerate(paths):
+            w.writerow([f"train/{p.name}", "malignant" if i % 2 else "benign"])
+    return folder
+
+
+def run_module(args: list[str], cwd: Path = ROOT, timeout: float = 600, env: dict | None = None):
+    """Run `python -m ...` from the repo root as a user would, returning the CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )

@@ -1,0 +1,176 @@
+"""What both trainers share: devices, torchrun, seeding, atomic checkpoints, logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1); nccl on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def cleanup_distributed(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda was asked for but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states in a form torch.load(weights_only=True) accepts (tensors, lists, ints)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_output_dir(out: Path, need_bytes: int) -> None:
+    """Fail before training, not hours later, when the output folder is unusable or the disk is full."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-") as f:
+            f.write(b"ok")
+            f.flush()
+    except OSError as exc:
+        raise SystemExit(f"error: cannot write to --out {out}: {exc}") from exc
+    free = shutil.disk_usage(out).free
+    if free < need_bytes:
+        raise SystemExit(
+            f"error: only {free / 2**20:.0f} MiB free under {out}; "
+            f"training needs about {need_bytes / 2**20:.0f} MiB"
+        )
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over the target:
+    a crash mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """Load a training checkpoint; weights_only=True so a tampered file cannot run code."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # any failure here means the file is unusable
+        raise SystemExit(
+            f"error: checkpoint {path} cannot be loaded ({exc}); remove it or start without --resume"
+        ) from exc
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_jsonl(path: Path, last_epoch: int) -> None:
+    """Drop records after the checkpointed epoch, so a resumed run does not log an epoch twice."""
+    records = [r for r in read_jsonl(path) if r.get("epoch", 0) <= last_epoch]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def cosine_lr(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_finite(loss: torch.Tensor, epoch: int, step: int, out: Path) -> None:
+    if not torch.isfinite(loss).all():
+        raise SystemExit(
+            f"error: loss became {loss.item()} at epoch {epoch + 1}, step {step}; stopping. "
+            f"The last good checkpoint is kept in {out / CHECKPOINT} (try a lower --lr)."
+        )
+
+
+def push_to_hub(model: Any, repo_id: str, folder: Path) -> None:
+    from huggingface_hub import get_token
+
+    if not get_token():
+        print(f"--push-to-hub {repo_id}: no Hugging Face token (HF_TOKEN or `hf auth login`); not uploading")
+        return
+    model.push_to_hub(repo_id)
+    print(f"uploaded {folder} to {repo_id}")

@@ -1,0 +1,295 @@
+"""Train a VQ-VAE on a folder of lesion images.
+
+    python -m train.vqvae --data ../shared/data/isic256/train --latent 64 --epochs 10 --out runs/vq64
+    torchrun --nproc_per_node 4 -m train.vqvae ...   # several GPUs (or CPU processes, gloo)
+
+Each epoch writes (rank 0 only) OUT/metrics.jsonl, OUT/curves.html, OUT/recon_epochNNN.png and an
+atomic OUT/checkpoint.pt; --resume continues from it; the end exports OUT/final/ (config.json,
+model.safetensors, codebook_usage.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from lesionstudio.data import (
+    LesionImageFolder,
+    collate_skip_bad,
+    eval_transform,
+    split_indices,
+    train_transform,
+)
+from lesionstudio.evaluate import codebook_usage, evaluate_vqvae
+from lesionstudio.plots import write_curves
+from lesionstudio.vqvae import VQVAE
+
+from . import common
+
+LATENTS = (32, 64, 128)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m train.vqvae", description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="folder of images (searched recursively)")
+    p.add_argument(
+        "--latent", type=int, choices=LATENTS, default=64, help="code grid side for a 256 px image"
+    )
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--limit", type=int, default=None, help="use a seeded random subset of N images")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-limit", type=int, default=256, help="validation images scored per epoch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--crop", type=int, default=128, help="random training crop side (0: whole images)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--hidden", type=int, default=128, help="encoder/decoder channels")
+    p.add_argument("--res-channels", type=int, default=64)
+    p.add_argument("--res-blocks", type=int, default=2)
+    p.add_argument("--num-codes", type=int, default=512, help="codebook size K")
+    p.add_argument("--code-dim", type=int, default=64, help="code vector dimension D")
+    p.add_argument("--beta", type=float, default=0.25, help="commitment weight")
+    p.add_argument("--no-ema", action="store_true", help="learn the codebook by its loss instead of EMA")
+    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument("--no-restart", action="store_true", help="do not restart dead codes")
+    p.add_argument("--dead-threshold", type=float, default=1.0, help="EMA usage below which a code restarts")
+    p.add_argument(
+        "--usage-limit", type=int, default=None, help="training images scanned for codebook_usage.json"
+    )
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
+    args = p.parse_args(argv)
+    if args.image_size % args.latent:
+        p.error(f"--image-size {args.image_size} is not a multiple of --latent {args.latent}")
+    if args.crop and args.crop % (args.image_size // args.latent):
+        p.error("--crop must be a multiple of the downsampling factor")
+    return args
+
+
+def build_model(args: argparse.Namespace) -> VQVAE:
+    return VQVAE(
+        hidden_channels=args.hidden,
+        res_channels=args.res_channels,
+        num_res_blocks=args.res_blocks,
+        downsample=args.image_size // args.latent,
+        num_codes=args.num_codes,
+        code_dim=args.code_dim,
+        beta=args.beta,
+        use_ema=not args.no_ema,
+        ema_decay=args.ema_decay,
+        restart_dead_codes=not args.no_restart,
+        dead_code_threshold=args.dead_threshold,
+        image_size=args.image_size,
+    )
+
+
+def load_data(args: argparse.Namespace) -> tuple[LesionImageFolder, LesionImageFolder]:
+    full = LesionImageFolder(args.data, transform=train_transform(args.image_size, crop=args.crop or None))
+    indices = list(range(len(full)))
+    if args.limit is not None and args.limit < len(full):
+        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        indices = sorted(perm[: args.limit])
+        full = full.subset(indices)
+    train_idx, val_idx = split_indices(len(full), args.val_fraction, seed=args.seed)
+    train_set = full.subset(train_idx)
+    val_set = full.subset(val_idx).with_transform(eval_transform(args.image_size))
+    return train_set, val_set
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    device = common.pick_device(args.device)
+    d = common.setup_distributed(device)
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    try:
+        train(args, device, d)
+    finally:
+        common.cleanup_distributed(d)
+
+
+def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> None:
+    out: Path = args.out
+    if d.is_main:
+        common.check_output_dir(out, need_bytes=200 * 2**20)
+    train_set, val_set = load_data(args)
+    common.seed_everything(args.seed)  # same seed, same initial weights on every rank
+    model = build_model(args).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    steps_per_epoch = max(1, len(train_set) // (args.batch_size * d.world_size))
+    total_steps = steps_per_epoch * args.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: common.cosine_lr(s, total_steps, min(args.warmup_steps, total_steps // 10 + 1))
+    )
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    start_epoch = 0
+    ckpt_path = out / common.CHECKPOINT
+    if args.resume and ckpt_path.exists():
+        ckpt = common.load_checkpoint(ckpt_path, device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        common.set_rng_state(ckpt["rng"])
+        start_epoch = ckpt["epoch"]
+        if d.is_main:
+            common.truncate_jsonl(out / "metrics.jsonl", start_epoch)
+            print(f"resumed from {ckpt_path} after epoch {start_epoch}")
+    elif d.is_main and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+
+    net = DistributedDataParallel(model) if d.enabled else model
+    if d.is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"{len(train_set)} training / {len(val_set)} validation images, {model.latent_size}x"
+            f"{model.latent_size} codes, K={model.num_codes}, {n_params / 1e6:.2f} M params, {device}"
+        )
+
+    for epoch in range(start_epoch, args.epochs):
+        # Everything random in an epoch follows from (seed, epoch): a resumed run repeats it exactly.
+        common.seed_everything(args.seed * 1000 + epoch * 10 + d.rank)
+        if d.enabled:
+            sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(
+                train_set, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)
+            )
+        loader = DataLoader(
+            train_set,
+            batch_size=args.batch_size,
+            sampler=sampler,
+            num_workers=args.workers,
+            collate_fn=collate_skip_bad,
+            drop_last=len(train_set) >= args.batch_size * d.world_size,
+            persistent_workers=False,
+        )
+        model.train()
+        sums = {"loss": 0.0, "reconstruction": 0.0, "codebook": 0.0, "commitment": 0.0, "perplexity": 0.0}
+        n_steps = skipped = n_images = 0
+        t0 = time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not d.is_main, mininterval=2)
+        for batch in bar:
+            skipped += batch.skipped
+            if batch.images.numel() == 0:
+                continue
+            images = batch.images.to(device, non_blocking=True)
+            ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
+            with ctx:
+                _, stats = net(images)
+            loss = stats["loss"]
+            common.check_finite(loss, epoch, n_steps, out)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            n_steps += 1
+            n_images += images.shape[0]
+            for k in sums:
+                sums[k] += float(stats[k].detach())
+            bar.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{float(stats['perplexity']):.0f}")
+        elapsed = time.time() - t0
+
+        if not d.is_main:
+            continue
+        record = {"epoch": epoch + 1, "images_per_s": n_images * d.world_size / max(elapsed, 1e-9)}
+        record.update({f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()})
+        record["train_quantization"] = record["train_codebook"] + args.beta * record["train_commitment"]
+        record["skipped_images"] = skipped
+        record["lr"] = scheduler.get_last_lr()[0]
+        val = evaluate_vqvae(model, val_set, device, limit=args.val_limit, batch_size=args.batch_size)
+        record.update({f"val_{k}": v for k, v in val.items() if k != "counts"})
+        write_epoch_outputs(model, val_set, device, out, epoch, record)
+        common.atomic_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": common.rng_state(),
+                "epoch": epoch + 1,
+                "config": model.config,
+            },
+            ckpt_path,
+        )
+        print(
+            f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, val PSNR {val['psnr']:.2f} dB, "
+            f"SSIM {val['ssim']:.3f}, perplexity {val['perplexity']:.0f}, codes used {val['codes_used']}/"
+            f"{model.num_codes}, {record['images_per_s']:.1f} img/s"
+            + (f", {skipped} unreadable images skipped" if skipped else "")
+        )
+
+    if d.is_main:
+        export(model, train_set, args, device)
+
+
+def write_epoch_outputs(
+    model: VQVAE, val_set: LesionImageFolder, device: torch.device, out: Path, epoch: int, record: dict
+) -> None:
+    common.append_jsonl(out / "metrics.jsonl", record)
+    records = common.read_jsonl(out / "metrics.jsonl")
+    write_curves(
+        records,
+        {
+            "reconstruction loss (MSE)": ["train_reconstruction"],
+            "quantization loss": ["train_quantization", "train_codebook", "train_commitment"],
+            "validation PSNR (dB)": ["val_psnr"],
+            "codebook perplexity": ["train_perplexity", "val_perplexity"],
+        },
+        "VQ-VAE training",
+        out / "curves.html",
+    )
+    n = min(8, len(val_set))
+    if n:
+        images = torch.stack([val_set[i][0] for i in range(n) if val_set[i] is not None]).to(device)
+        model.eval()
+        recon, _ = model.reconstruct(images)
+        save_image(torch.cat([images, recon]).cpu(), out / f"recon_epoch{epoch + 1:03d}.png", nrow=n)
+
+
+def export(
+    model: VQVAE, train_set: LesionImageFolder, args: argparse.Namespace, device: torch.device
+) -> None:
+    final = args.out / "final"
+    model.eval()
+    model.save_pretrained(final)
+    usage_set = train_set.with_transform(eval_transform(args.image_size))
+    counts = codebook_usage(model, usage_set, device, limit=args.usage_limit, batch_size=args.batch_size)
+    (final / "codebook_usage.json").write_text(
+        json.dumps(
+            {
+                "num_codes": model.num_codes,
+                "images": min(len(usage_set), args.usage_limit or 10**12),
+                "counts": counts.tolist(),
+            }
+        )
+    )
+    print(f"exported {final}")
+    if args.push_to_hub:
+        common.push_to_hub(model, args.push_to_hub, final)
+
+
+if __name__ == "__main__":
+    main()
