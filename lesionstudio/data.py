@@ -139,9 +139,7 @@ def train_transform(
     if rotate:
         steps.append(RandomRightAngleRotation())
     if jitter > 0:
-        steps.append(
-            v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=min(jitter / 4, 0.5))
-        )
+        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=min(jitter / 4, 0.5)))
     if crop:
         steps.append(v2.RandomCrop(crop))
     return v2.Compose(steps)
@@ -185,9 +183,7 @@ class Labels:
         return None
 
 
-def read_labels(
-    csv_path: str | Path, file_column: str | None = None, label_column: str | None = None
-) -> Labels:
+def read_labels(csv_path: str | Path, file_column: str | None = None, label_column: str | None = None) -> Labels:
     """Read file -> label pairs from a CSV.
 
     Columns are found by name (e.g. ``file``/``label_if_known`` in the isic256 MANIFEST.csv,

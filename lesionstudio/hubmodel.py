@@ -29,9 +29,7 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded: missing, corrupt or inconsistent files."""
 
 
-def check_int(
-    name: str, value: Any, minimum: int | None = None, choices: tuple[int, ...] | None = None
-) -> int:
+def check_int(name: str, value: Any, minimum: int | None = None, choices: tuple[int, ...] | None = None) -> int:
     """Validate an integer config value with a message naming it (configs come from JSON)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"config value {name} must be an integer, got {value!r}")

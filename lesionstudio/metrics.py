@@ -16,9 +16,7 @@ def psnr(preds: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> 
 
 def ssim(preds: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Structural similarity of each image in a batch (torchmetrics, Gaussian 11x11 window), shape [B]."""
-    out = structural_similarity_index_measure(
-        preds.float(), target.float(), data_range=data_range, reduction="none"
-    )
+    out = structural_similarity_index_measure(preds.float(), target.float(), data_range=data_range, reduction="none")
     return out.reshape(-1)
 
 

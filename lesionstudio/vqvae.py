@@ -309,9 +309,7 @@ class VQVAE(
         quantized, _, stats = self.quantizer(z)
         recon = self.decoder(quantized) + 0.5
         stats["reconstruction"] = F.mse_loss(recon.float(), images.float())
-        stats["loss"] = (
-            stats["reconstruction"] + stats["codebook"] + self.quantizer.beta * stats["commitment"]
-        )
+        stats["loss"] = stats["reconstruction"] + stats["codebook"] + self.quantizer.beta * stats["commitment"]
         return recon, stats
 
     @torch.no_grad()
@@ -328,9 +326,7 @@ class VQVAE(
         if codes.ndim != 3:
             raise ValueError(f"expected codes [B, h, w], got shape {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codes):
-            raise ValueError(
-                f"codes must be in [0, {self.num_codes}), got [{int(codes.min())}, {int(codes.max())}]"
-            )
+            raise ValueError(f"codes must be in [0, {self.num_codes}), got [{int(codes.min())}, {int(codes.max())}]")
         return (self.decoder(self.quantizer.lookup(codes.long())) + 0.5).clamp(0, 1)
 
     @torch.no_grad()

@@ -57,6 +57,23 @@ def image_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def kill_when_exists(args: list[str], path: Path, timeout: float = 300) -> None:
+    """Start `python ARGS` and SIGKILL it as soon as `path` exists (an interrupted run)."""
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert path.exists(), f"{path} was never written"
+
+
 def run_module(args: list[str], cwd: Path = ROOT, timeout: float = 600, env: dict | None = None):
     """Run `python -m ...` from the repo root as a user would, returning the CompletedProcess."""
     import subprocess

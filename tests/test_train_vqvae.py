@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
-from conftest import ROOT, run_module
+from conftest import kill_when_exists, run_module
 from safetensors.torch import load_file
 
 from lesionstudio.vqvae import VQVAE
@@ -59,35 +54,22 @@ def test_training_lowers_loss_and_exports(image_folder: Path, tmp_path: Path):
         assert torch.equal(ckpt["model"][k], v), k
 
 
-def train_until_first_checkpoint(data: Path, out: Path, epochs: int) -> None:
-    """Start a run and SIGKILL it as soon as its first checkpoint is on disk."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "train.vqvae",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--epochs",
-        str(epochs),
-        *TINY,
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (out / "checkpoint.pt").exists()
-    assert not (out / "final").exists(), "the run finished before it could be interrupted"
-
-
 def test_resume_matches_uninterrupted_run(image_folder: Path, tmp_path: Path):
     full, part = tmp_path / "full", tmp_path / "part"
     train(image_folder / "train", full, 3)
-    train_until_first_checkpoint(image_folder / "train", part, 3)
+    args = [
+        "-m",
+        "train.vqvae",
+        "--data",
+        str(image_folder / "train"),
+        "--out",
+        str(part),
+        "--epochs",
+        "3",
+        *TINY,
+    ]
+    kill_when_exists(args, part / "checkpoint.pt")
+    assert not (part / "final").exists(), "the run finished before it could be interrupted"
     res = train(image_folder / "train", part, 3, "--resume")
     assert "resumed" in res.stdout
     a = load_file(full / "final/model.safetensors")
@@ -101,17 +83,13 @@ def test_resume_matches_uninterrupted_run(image_folder: Path, tmp_path: Path):
 def test_unwritable_out_fails_early(image_folder: Path, tmp_path: Path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    res = run_module(
-        ["-m", "train.vqvae", "--data", str(image_folder / "train"), "--out", str(blocker / "x"), *TINY]
-    )
+    res = run_module(["-m", "train.vqvae", "--data", str(image_folder / "train"), "--out", str(blocker / "x"), *TINY])
     assert res.returncode != 0 and "cannot write to --out" in res.stderr
 
 
 def test_empty_data_folder_is_a_clear_error(tmp_path: Path):
     (tmp_path / "empty").mkdir()
-    res = run_module(
-        ["-m", "train.vqvae", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), *TINY]
-    )
+    res = run_module(["-m", "train.vqvae", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), *TINY])
     assert res.returncode != 0 and "no images" in res.stderr
 
 

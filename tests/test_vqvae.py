@@ -38,9 +38,7 @@ def test_straight_through_gradient_reaches_encoder():
 
 
 def test_losses_equal_hand_computation():
-    vq = VectorQuantizer(
-        num_codes=2, code_dim=2, use_ema=False, init_from_data=False, restart_dead_codes=False
-    )
+    vq = VectorQuantizer(num_codes=2, code_dim=2, use_ema=False, init_from_data=False, restart_dead_codes=False)
     with torch.no_grad():
         vq.embedding.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
     z = torch.tensor([[0.2, 0.1], [0.9, 0.6]]).t().reshape(1, 2, 1, 2)  # two vectors on a 1x2 grid
@@ -58,9 +56,7 @@ def test_losses_equal_hand_computation():
 
 
 def test_ema_moves_codes_towards_assigned_vectors():
-    vq = VectorQuantizer(
-        num_codes=2, code_dim=2, ema_decay=0.5, init_from_data=False, restart_dead_codes=False
-    )
+    vq = VectorQuantizer(num_codes=2, code_dim=2, ema_decay=0.5, init_from_data=False, restart_dead_codes=False)
     vq.embedding.copy_(torch.tensor([[0.0, 0.0], [5.0, 5.0]]))
     vq.ema_embed_sum.copy_(vq.embedding)
     target = torch.tensor([1.0, 1.0])
@@ -75,9 +71,7 @@ def test_ema_moves_codes_towards_assigned_vectors():
 
 
 def test_dead_codes_are_restarted_on_encoder_outputs():
-    vq = VectorQuantizer(
-        num_codes=4, code_dim=2, ema_decay=0.5, init_from_data=False, dead_code_threshold=0.5
-    )
+    vq = VectorQuantizer(num_codes=4, code_dim=2, ema_decay=0.5, init_from_data=False, dead_code_threshold=0.5)
     vq.embedding.copy_(torch.tensor([[0.0, 0.0], [100.0, 100.0], [200.0, 200.0], [300.0, 300.0]]))
     vq.ema_embed_sum.copy_(vq.embedding)
     z = torch.randn(1, 2, 4, 4) * 0.1

@@ -100,8 +100,7 @@ def check_output_dir(out: Path, need_bytes: int) -> None:
     free = shutil.disk_usage(out).free
     if free < need_bytes:
         raise SystemExit(
-            f"error: only {free / 2**20:.0f} MiB free under {out}; "
-            f"training needs about {need_bytes / 2**20:.0f} MiB"
+            f"error: only {free / 2**20:.0f} MiB free under {out}; training needs about {need_bytes / 2**20:.0f} MiB"
         )
 
 

@@ -42,9 +42,7 @@ LATENTS = (32, 64, 128)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.vqvae", description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, required=True, help="folder of images (searched recursively)")
-    p.add_argument(
-        "--latent", type=int, choices=LATENTS, default=64, help="code grid side for a 256 px image"
-    )
+    p.add_argument("--latent", type=int, choices=LATENTS, default=64, help="code grid side for a 256 px image")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--out", type=Path, required=True)
@@ -69,9 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--no-restart", action="store_true", help="do not restart dead codes")
     p.add_argument("--dead-threshold", type=float, default=1.0, help="EMA usage below which a code restarts")
-    p.add_argument(
-        "--usage-limit", type=int, default=None, help="training images scanned for codebook_usage.json"
-    )
+    p.add_argument("--usage-limit", type=int, default=None, help="training images scanned for codebook_usage.json")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
     args = p.parse_args(argv)
     if args.image_size % args.latent:
@@ -173,9 +169,7 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
             sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
             sampler.set_epoch(epoch)
         else:
-            sampler = RandomSampler(
-                train_set, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)
-            )
+            sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         loader = DataLoader(
             train_set,
             batch_size=args.batch_size,
@@ -269,9 +263,7 @@ def write_epoch_outputs(
         save_image(torch.cat([images, recon]).cpu(), out / f"recon_epoch{epoch + 1:03d}.png", nrow=n)
 
 
-def export(
-    model: VQVAE, train_set: LesionImageFolder, args: argparse.Namespace, device: torch.device
-) -> None:
+def export(model: VQVAE, train_set: LesionImageFolder, args: argparse.Namespace, device: torch.device) -> None:
     final = args.out / "final"
     model.eval()
     model.save_pretrained(final)

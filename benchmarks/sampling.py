@@ -1,0 +1,78 @@
+"""Sampling speed, measured side by side in one run: one forward pass vs incremental vs plain.
+
+    python benchmarks/sampling.py [--prior checkpoints/pixelcnn-64] [--threads 2]
+
+The plain sampler (one whole forward pass per code) is timed on the first rows of the grid
+and extrapolated to the whole grid; its line says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lesionstudio.pixelcnn import GatedPixelCNN  # noqa: E402
+from lesionstudio.sampling import inpaint, sample  # noqa: E402
+
+
+def timed(fn, repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure(prior: GatedPixelCNN, g: int, n: int, rows: int) -> None:
+    codes = torch.randint(0, prior.num_codes, (n, g, g))
+    labels = torch.zeros(n, dtype=torch.long) if prior.num_classes else None
+    with torch.no_grad():
+        prior(codes, labels)  # warm-up
+        forward = timed(lambda: prior(codes, labels), repeat=2)
+    incremental = timed(lambda: sample(prior, n, shape=(g, g), seed=0, labels=labels))
+    mask = torch.zeros(n, g, g, dtype=torch.bool)
+    mask[:, :rows] = True
+    plain = timed(lambda: inpaint(prior, codes, mask, seed=0, candidates=1, method="naive")) * g / rows
+    print(
+        f"{g:>4}x{g:<2} {n:>5} {forward:>10.3f} {incremental:>14.2f} {plain:>10.0f} ({rows} row) "
+        f"{incremental / forward:>12.1f}x {plain / incremental:>10.0f}x"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--prior", default=None, help="prior folder; default: a random prior of the default config")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--grids", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--plain-rows", type=int, default=1, help="rows the plain sampler is timed on")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.prior:
+        prior = GatedPixelCNN.from_pretrained(args.prior)
+        name = args.prior
+    else:
+        torch.manual_seed(0)
+        prior = GatedPixelCNN(num_classes=2).eval()
+        name = "random prior, default config"
+    print(
+        f"prior: {name} (channels {prior.channels}, layers {prior.num_layers}, kernel {prior.kernel_size}, "
+        f"K {prior.num_codes}, classes {prior.num_classes}); torch {torch.__version__}, {args.threads} threads"
+    )
+    header = f"{'grid':>7} {'batch':>5} {'forward s':>10} {'incremental s':>14} {'plain s (extrap.)':>18} "
+    header += f"{'incr/forward':>13} {'plain/incr':>11}"
+    print(header)
+    for g in args.grids:
+        for n in args.batches:
+            measure(prior, g, n, min(args.plain_rows, g))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The prior trainer through its real command line, on codes of generated images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import kill_when_exists, run_module
+from safetensors.torch import load_file
+
+from lesionstudio.pixelcnn import GatedPixelCNN
+from lesionstudio.sampling import sample
+from lesionstudio.vqvae import VQVAE
+
+
+@pytest.fixture
+def tiny_vqvae(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    vq = VQVAE(hidden_channels=16, res_channels=8, num_res_blocks=1, downsample=4, num_codes=32, code_dim=8,
+               image_size=64, init_from_data=False)  # fmt: skip
+    vq.save_pretrained(tmp_path / "vq")
+    return tmp_path / "vq"
+
+
+def cli(vq: Path, folder: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    return ["-m", "train.pixelcnn", "--vqvae", str(vq), "--data", str(folder / "train"), "--labels",
+            str(folder / "labels.csv"), "--out", str(out), "--epochs", str(epochs), "--batch-size", "4",
+            "--channels", "16", "--layers", "3", "--kernel", "3", "--lr", "3e-3", "--warmup-steps", "1",
+            "--val-fraction", "0.25", "--samples", "2", *extra]  # fmt: skip
+
+
+def train(vq: Path, folder: Path, out: Path, epochs: int, *extra: str):
+    res = run_module(cli(vq, folder, out, epochs, *extra))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_bits_exports_and_resumes(tiny_vqvae: Path, image_folder: Path, tmp_path: Path):
+    out = tmp_path / "px"
+    train(tiny_vqvae, image_folder, out, 4)
+    recs = records(out)
+    assert [r["epoch"] for r in recs] == [1, 2, 3, 4]
+    assert recs[-1]["val_bits_per_code"] < recs[0]["val_bits_per_code"]
+    assert recs[-1]["train_bits_per_code"] < recs[0]["train_bits_per_code"]
+    for name in ("curves.html", "samples_epoch004.png", "codes.npz", "final/config.json"):
+        assert (out / name).exists(), name
+    with np.load(out / "codes.npz", allow_pickle=False) as z:
+        assert z["codes"].dtype == np.uint16 and z["codes"].shape == (16, 16, 16)
+        assert sorted(set(z["labels"].tolist())) == [0, 1]
+
+    prior = GatedPixelCNN.from_pretrained(out / "final")
+    assert prior.num_classes == 2 and prior.class_names == ["benign", "malignant"]
+    assert prior.grid_size == 16 and prior.code_dim == 8 and sum(prior.class_counts) == 12
+    again = GatedPixelCNN.from_pretrained(out / "final")
+    assert torch.equal(sample(prior, 2, seed=1), sample(again, 2, seed=1))
+
+    # resume: two more epochs continue from the checkpoint of epoch 4
+    res = train(tiny_vqvae, image_folder, out, 6, "--resume")
+    assert "resumed" in res.stdout and "encoding" not in res.stderr  # the codes cache was reused
+    assert [r["epoch"] for r in records(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_matches_uninterrupted_run(tiny_vqvae: Path, image_folder: Path, tmp_path: Path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(tiny_vqvae, image_folder, full, 3, "--crop", "8")
+    kill_when_exists(cli(tiny_vqvae, image_folder, part, 3, "--crop", "8"), part / "checkpoint.pt")
+    assert not (part / "final").exists(), "the run finished before it could be interrupted"
+    res = train(tiny_vqvae, image_folder, part, 3, "--crop", "8", "--resume")
+    assert "resumed" in res.stdout
+    a = load_file(full / "final" / "model.safetensors")
+    b = load_file(part / "final" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
