@@ -5,11 +5,17 @@ python -m lesionstudio.evaluate --vqvae checkpoints/vqvae-64 --data DIR [--prior
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from . import metrics
-from .data import collate_skip_bad
+from .data import LesionImageFolder, collate_skip_bad, eval_transform, split_indices
+from .pixelcnn import GatedPixelCNN
 from .vqvae import VQVAE
 
 
@@ -66,3 +72,107 @@ def codebook_usage(
         if batch.images.numel():
             counts += metrics.usage_histogram(model.encode(batch.images.to(device)), model.num_codes)
     return counts
+
+
+@torch.no_grad()
+def prior_bits(
+    prior: GatedPixelCNN, codes: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 16
+) -> float:
+    """Mean negative log-likelihood in bits per code (classes marginalised when labels is None)."""
+    prior.eval()
+    total = 0.0
+    for i in range(0, len(codes), batch_size):
+        lab = None if labels is None else labels[i : i + batch_size]
+        total += float(prior.nll_bits(codes[i : i + batch_size], lab).sum())
+    return total / max(len(codes), 1)
+
+
+def evaluate(
+    vqvae: VQVAE,
+    dataset: LesionImageFolder,
+    prior: GatedPixelCNN | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    use_labels: bool = False,
+) -> dict:
+    """All metrics of ``python -m lesionstudio.evaluate`` for a data set (eval transform)."""
+    vqvae.eval()
+    psnrs, ssims, all_codes, all_labels = [], [], [], []
+    for batch in tqdm(_loader(dataset, None, batch_size), desc="evaluating", unit="batch", mininterval=2):
+        if batch.images.numel() == 0:
+            continue
+        images = batch.images.to(device)
+        recon, codes = vqvae.reconstruct(images)
+        psnrs.append(metrics.psnr(recon, images).cpu())
+        ssims.append(metrics.ssim(recon, images).cpu())
+        all_codes.append(codes.cpu())
+        all_labels.append(batch.labels)
+    if not psnrs:
+        raise ValueError("no readable images to evaluate")
+    codes = torch.cat(all_codes)
+    counts = metrics.usage_histogram(codes, vqvae.num_codes)
+    result = {
+        "images": len(codes),
+        "psnr": float(torch.cat(psnrs).mean()),
+        "ssim": float(torch.cat(ssims).mean()),
+        "perplexity": metrics.perplexity(counts),
+        "codes_used": metrics.codes_used(counts),
+        "num_codes": vqvae.num_codes,
+        "bits_per_code": None,
+        "unigram_bits": metrics.entropy_bits(counts),
+    }
+    if prior is not None:
+        labels = torch.cat(all_labels)
+        if not use_labels or prior.num_classes == 0 or bool((labels < 0).any()):
+            labels = None
+        result["bits_per_code"] = prior_bits(prior.to(device), codes.to(device), labels, batch_size)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lesionstudio.evaluate", description=__doc__.split("\n")[1].strip())
+    p.add_argument("--vqvae", required=True, help="VQ-VAE folder or Hub repo id")
+    p.add_argument("--data", type=Path, required=True, help="folder of images")
+    p.add_argument("--prior", default=None, help="prior folder or Hub repo id (adds bits per code)")
+    p.add_argument("--limit", type=int, default=None, help="first N images (after --split)")
+    p.add_argument("--labels", type=Path, default=None, help="CSV of labels: score a conditional prior per class")
+    p.add_argument("--split", choices=("all", "train", "val"), default="all",
+                   help="the trainers' train or validation split of DIR (same --val-fraction, --seed)")  # fmt: skip
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
+    args = p.parse_args(argv)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+
+    vq = VQVAE.from_pretrained(args.vqvae).to(device)
+    prior = GatedPixelCNN.from_pretrained(args.prior).to(device) if args.prior else None
+    if prior is not None:
+        from .hub import check_pair
+
+        check_pair(vq, prior, args.vqvae, args.prior)
+    ds = LesionImageFolder(args.data, transform=eval_transform(vq.image_size), labels_csv=args.labels)
+    if args.split != "all":
+        train_idx, val_idx = split_indices(len(ds), args.val_fraction, seed=args.seed)
+        ds = ds.subset(val_idx if args.split == "val" else train_idx)
+    if args.limit is not None:
+        ds = ds.subset(range(min(args.limit, len(ds))))
+    r = evaluate(vq, ds, prior, device, args.batch_size, use_labels=args.labels is not None)
+    print(f"images:        {r['images']} ({args.data}, split {args.split})")
+    print(f"PSNR:          {r['psnr']:.2f} dB")
+    print(f"SSIM:          {r['ssim']:.4f}")
+    print(f"perplexity:    {r['perplexity']:.1f}")
+    print(f"codes used:    {r['codes_used']} / {r['num_codes']}")
+    print(f"unigram:       {r['unigram_bits']:.3f} bits/code (a model that ignores context)")
+    if r["bits_per_code"] is not None:
+        gain = 1 - r["bits_per_code"] / r["unigram_bits"] if r["unigram_bits"] else 0.0
+        print(f"prior NLL:     {r['bits_per_code']:.3f} bits/code ({gain:.1%} below unigram)")
+    if args.json:
+        keys = ("psnr", "ssim", "perplexity", "codes_used", "bits_per_code", "unigram_bits")
+        print(json.dumps({k: r[k] for k in keys}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Find and load a matching VQ-VAE + prior pair for a latent size.
+
+A checkpoints source is a folder (or a Hugging Face Hub repo laid out the same way) holding
+``vqvae-{latent}/`` and ``pixelcnn-{latent}/`` model folders, each with config.json and
+model.safetensors (plus ``codebook_usage.json`` beside a VQ-VAE). Where no source is given it
+is, in order: ``$LESIONSTUDIO_CHECKPOINTS``, then the bundled ``checkpoints/``. Hub downloads
+go through ``huggingface_hub`` and so honour ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``
+and the cache. Only safetensors and JSON are ever read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+from .hubmodel import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+from .pixelcnn import GatedPixelCNN
+from .vqvae import VQVAE
+
+ENV_VAR = "LESIONSTUDIO_CHECKPOINTS"
+BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints"
+LATENTS = (32, 64, 128)
+USAGE_NAME = "codebook_usage.json"
+
+
+@dataclass
+class ModelPair:
+    latent: int
+    vqvae: VQVAE
+    prior: GatedPixelCNN | None
+    source: str
+    vqvae_dir: Path
+    prior_dir: Path | None
+    usage: list[int] | None = field(default=None, repr=False)
+
+
+def default_source() -> Path:
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else BUNDLED
+
+
+def _is_local(source: str | Path) -> bool:
+    """A Path, an existing folder, or anything not shaped like a Hub repo id (owner/name)."""
+    if isinstance(source, Path) or os.path.isdir(source):
+        return True
+    return source.startswith((".", "/", "~")) or source.count("/") != 1
+
+
+def _local_model_dir(source: str | Path, name: str, revision: str | None) -> Path | None:
+    """The folder of model `name` in a source, downloading it from the Hub if needed; None if absent."""
+    if _is_local(source):
+        root = Path(source).expanduser()
+        if not root.is_dir():
+            raise CheckpointError(f"checkpoints folder {root} does not exist")
+        folder = root / name
+        return folder if folder.is_dir() else None
+    try:
+        config = hf_hub_download(repo_id=str(source), filename=f"{name}/{CONFIG_NAME}", revision=revision)
+    except EntryNotFoundError:
+        return None
+    except RepositoryNotFoundError as exc:
+        raise CheckpointError(f"Hub repo {source} not found (or private without a token)") from exc
+    except LocalEntryNotFoundError as exc:
+        raise CheckpointError(
+            f"cannot reach the Hub for {source} and it is not in the cache (HF_HUB_OFFLINE is "
+            f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}): {exc}"
+        ) from exc
+    hf_hub_download(repo_id=str(source), filename=f"{name}/{WEIGHTS_NAME}", revision=revision)
+    with contextlib.suppress(EntryNotFoundError):  # usage statistics are optional
+        hf_hub_download(repo_id=str(source), filename=f"{name}/{USAGE_NAME}", revision=revision)
+    return Path(config).parent
+
+
+def available_latents(source: str | Path | None = None, revision: str | None = None) -> list[int]:
+    """Latent sizes for which the source has a VQ-VAE and a prior."""
+    source = default_source() if source is None else source
+    return [
+        latent
+        for latent in LATENTS
+        if _local_model_dir(source, f"vqvae-{latent}", revision)
+        and _local_model_dir(source, f"pixelcnn-{latent}", revision)
+    ]
+
+
+def check_pair(vq: VQVAE, prior: GatedPixelCNN, vq_dir: Path | str, prior_dir: Path | str) -> None:
+    """Raise CheckpointError when a prior was not made for this VQ-VAE."""
+    problems = []
+    if prior.num_codes != vq.num_codes:
+        problems.append(f"codebook size K: prior {prior.num_codes} vs VQ-VAE {vq.num_codes}")
+    if prior.grid_size != vq.latent_size:
+        problems.append(f"grid size: prior {prior.grid_size} vs VQ-VAE {vq.latent_size}")
+    if prior.code_dim and prior.code_dim != vq.code_dim:
+        problems.append(f"code dimension: prior {prior.code_dim} vs VQ-VAE {vq.code_dim}")
+    if problems:
+        raise CheckpointError(f"prior {prior_dir} does not match VQ-VAE {vq_dir}: " + "; ".join(problems))
+
+
+def read_usage(folder: Path, num_codes: int) -> list[int] | None:
+    path = folder / USAGE_NAME
+    if not path.exists():
+        return None
+    try:
+        counts = json.loads(path.read_text())["counts"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a valid codebook usage file: {exc}") from exc
+    if len(counts) != num_codes or any(not isinstance(c, int) or c < 0 for c in counts):
+        raise CheckpointError(f"{path} must hold {num_codes} non-negative counts")
+    return counts
+
+
+def load_pair(
+    latent: int = 64,
+    source: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    require_prior: bool = True,
+    revision: str | None = None,
+) -> ModelPair:
+    """Load the VQ-VAE and prior for a latent size from a folder, $LESIONSTUDIO_CHECKPOINTS, the
+    bundled checkpoints or a Hub repo id; mismatched or broken checkpoints are clear errors."""
+    if latent not in LATENTS:
+        raise ValueError(f"latent size must be one of {LATENTS}, got {latent}")
+    source = default_source() if source is None else source
+    vq_dir = _local_model_dir(source, f"vqvae-{latent}", revision)
+    if vq_dir is None:
+        raise CheckpointError(f"{source} has no vqvae-{latent}/ checkpoint")
+    vq = VQVAE.from_pretrained(vq_dir).to(device).eval()
+    if vq.latent_size != latent:
+        raise CheckpointError(f"{vq_dir} makes a {vq.latent_size}x{vq.latent_size} grid, not {latent}x{latent}")
+    prior_dir = _local_model_dir(source, f"pixelcnn-{latent}", revision)
+    prior = None
+    if prior_dir is not None:
+        prior = GatedPixelCNN.from_pretrained(prior_dir).to(device).eval()
+        check_pair(vq, prior, vq_dir, prior_dir)
+    elif require_prior:
+        raise CheckpointError(f"{source} has no pixelcnn-{latent}/ prior for its vqvae-{latent}")
+    return ModelPair(latent, vq, prior, str(source), vq_dir, prior_dir, read_usage(vq_dir, vq.num_codes))
