@@ -9,8 +9,8 @@ Two samplers give the same codes for the same seed:
   Convolutional Autoregressive Models", 2017): the vertical stack once per row, the horizontal
   stack and the head once per position, batched over the samples.
 
-Both draw one Gumbel noise vector per sampled position in raster order from a generator seeded
-with ``seed`` (on the CPU, so a seed means the same noise on any device) and pick
+Both draw Gumbel noise for the sampled positions, row by row in raster order, from a generator
+seeded with ``seed`` (on the CPU, so a seed means the same noise on any device) and pick
 argmax(logits / T + noise), which is a draw from softmax(logits / T); T = 0 is the argmax.
 The two compute the same sums in a different order, so they agree to rounding (exactly, in
 practice; in float64 the tests check it on many grids).
@@ -58,16 +58,21 @@ def resolve_labels(prior: GatedPixelCNN, n: int, labels: LabelsArg, gen: torch.G
     return lab.clone()
 
 
-def pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> torch.Tensor:
-    """One code per row of logits [B, K]: Gumbel-max sampling at a temperature, with optional top-k."""
-    noise = torch.rand(logits.shape, generator=gen, dtype=logits.dtype).to(logits.device)
+def row_noise(gen: torch.Generator, count: int, n: int, k: int, like: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise [count, n, k] for the sampled positions of one row (both samplers draw the
+    same stream: one block per row that has positions to sample, in raster order)."""
+    u = torch.rand((count, n, k), generator=gen, dtype=like.dtype)
+    tiny = torch.finfo(like.dtype).tiny
+    return (-torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))).to(like.device)
+
+
+def choose(logits: torch.Tensor, gumbel: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """One code per row of logits [B, K]: Gumbel-max at a temperature (0: argmax), optional top-k."""
     if top_k is not None and 0 < top_k < logits.shape[1]:
         kth = logits.topk(top_k, dim=1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if temperature <= 0:
         return logits.argmax(dim=1)
-    tiny = torch.finfo(logits.dtype).tiny
-    gumbel = -torch.log(-torch.log(noise.clamp(tiny, 1.0 - 1e-7)))
     return (logits / temperature + gumbel).argmax(dim=1)
 
 
@@ -177,25 +182,32 @@ def _fill(
     if labels is not None:
         labels = labels.to(codes.device)
     if method == "naive":
-        positions = torch.nonzero(mask.any(0)).tolist()  # raster order
-        for i, (r, c) in enumerate(positions):
-            logits = prior(codes, labels)[:, :, r, c]
-            new = pick(logits, temperature, top_k, gen)
-            codes[:, r, c] = torch.where(mask[:, r, c], new, codes[:, r, c])
-            if progress and (c == codes.shape[2] - 1 or i == len(positions) - 1):
-                progress((i + 1) / len(positions))
+        any_mask = mask.any(0)
+        total, done = int(any_mask.sum()), 0
+        for r in range(codes.shape[1]):
+            cols = torch.nonzero(any_mask[r]).flatten().tolist()
+            if not cols:
+                continue
+            noise = row_noise(gen, len(cols), codes.shape[0], prior.num_codes, prior.embedding.weight)
+            for j, c in enumerate(cols):
+                logits = prior(codes, labels)[:, :, r, c]
+                new = choose(logits, noise[j], temperature, top_k)
+                codes[:, r, c] = torch.where(mask[:, r, c], new, codes[:, r, c])
+            done += len(cols)
+            if progress:
+                progress(done / total)
         return codes
     if method != "incremental":
         raise ValueError(f"method must be 'incremental' or 'naive', got {method!r}")
     sampler = IncrementalSampler(prior, codes.shape[0], codes.shape[1], codes.shape[2], labels)
-    with _one_thread(codes.device):
-        return sampler.fill(codes, mask, temperature, top_k, gen, progress)
+    return sampler.fill(codes, mask, temperature, top_k, gen, progress)
 
 
 @contextmanager
 def _one_thread(device: torch.device) -> Iterator[None]:
     """Run on one CPU thread: the per-code products are too small to gain from more, and
-    thread hand-offs on every tiny operation made sampling several times slower on 2 cores."""
+    thread hand-offs on every tiny operation made them several times slower on 2 cores. (The
+    once-per-row vertical stack is real work and keeps all threads.)"""
     if device.type != "cpu":
         yield
         return
@@ -212,96 +224,96 @@ class IncrementalSampler:
 
     Per layer it keeps the last p+1 rows of the vertical stack's input, the vertical stack's
     contribution to the current row of the horizontal stack, and the current row of the
-    horizontal stack's input. The horizontal convolutions become matrix products over a
-    window of p(+1) cached columns.
+    horizontal stack's input. Rows are stored [p + W, B, C] (p zero columns on the left) with
+    per-column views made once, so the hot loop does list look-ups and matrix products and
+    writes results in place; per-op overhead, not arithmetic, is what costs on a CPU here.
     """
 
     def __init__(self, prior: GatedPixelCNN, batch: int, height: int, width: int, labels: torch.Tensor | None):
         self.prior, self.b, self.h, self.w = prior, batch, height, width
-        self.p = prior.kernel_size // 2
-        self.c = prior.channels
+        self.p = p = prior.kernel_size // 2
+        self.c = c = prior.channels
         weight = prior.embedding.weight
         self.emb = weight.detach()
-        self.layers = []
-        for layer in prior.layers:
+        opts = {"dtype": weight.dtype, "device": weight.device}
+        n_layers = len(prior.layers)
+        # Vertical-stack inputs of each layer: rows r-p..r (zeros above the grid).
+        self.vbuf = [torch.zeros(batch, c, p + 1, width, **opts) for _ in range(n_layers)]
+        # Horizontal-stack input rows: hbuf[l] is layer l's input, hbuf[-1] the last output.
+        self.hbuf = [torch.zeros(width + p, batch, c, **opts) for _ in range(n_layers + 1)]
+        self.hcols = [list(buf.unbind(0)) for buf in self.hbuf]  # column views [B, C]
+        self.vh: list[list[torch.Tensor]] = []  # per layer, per column: [B, 2C] vertical contribution
+        self.specs = []
+        for layer, buf in zip(prior.layers, self.hbuf[:-1], strict=True):
             cond = layer.class_bias(labels)
-            cond = cond[:, :, 0, 0] if isinstance(cond, torch.Tensor) else None
             kw = layer.h_width
-            self.layers.append(
-                {
-                    "layer": layer,
-                    "kw": kw,
-                    "wh": layer.h_conv.weight.detach().reshape(2 * self.c, self.c * kw).t().contiguous(),
-                    "bh": layer.h_conv.bias.detach(),
-                    "wo": layer.h_out.weight.detach().reshape(self.c, self.c).t().contiguous(),
-                    "bo": layer.h_out.bias.detach(),
-                    "cond": cond,
-                }
+            windows = list(buf.unfold(0, kw, 1).unbind(0))  # window ending at column col: [B, C, kw]
+            self.specs.append(
+                (
+                    layer,
+                    kw,
+                    layer.h_conv.weight.detach().reshape(2 * c, c * kw).t().contiguous(),  # [(C, kw), 2C]
+                    layer.h_conv.bias.detach(),
+                    layer.h_out.weight.detach().reshape(c, c).t().contiguous(),
+                    layer.h_out.bias.detach(),
+                    cond[:, :, 0, 0] if isinstance(cond, torch.Tensor) else None,
+                    windows,
+                )
             )
         head = prior.head
-        self.w1, self.b1 = head[1].weight.detach().reshape(self.c, self.c).t(), head[1].bias.detach()
+        self.w1, self.b1 = head[1].weight.detach().reshape(c, c).t().contiguous(), head[1].bias.detach()
         k = prior.num_codes
-        self.w2, self.b2 = head[3].weight.detach().reshape(k, self.c).t(), head[3].bias.detach()
-        opts = {"dtype": weight.dtype, "device": weight.device}
-        n_layers = len(self.layers)
-        # Vertical-stack inputs of each layer: rows r-p..r (zeros above the grid).
-        self.vbuf = [torch.zeros(batch, self.c, self.p + 1, width, **opts) for _ in range(n_layers)]
-        # Horizontal-stack rows, left-padded by p zero columns: hbuf[l] is layer l's input.
-        self.hbuf = [torch.zeros(batch, self.c, width + self.p, **opts) for _ in range(n_layers + 1)]
-        self.vh: list[torch.Tensor] = []  # per layer: [B, W, 2C] added to the horizontal pre-activation
+        self.w2, self.b2 = head[3].weight.detach().reshape(k, c).t().contiguous(), head[3].bias.detach()
 
     def _first_row(self) -> None:
         self.vh = []
-        for spec in self.layers:
-            layer = spec["layer"]
-            base = (layer.v_to_h.bias + spec["bh"]).detach()[None, None, :].expand(self.b, self.w, -1)
-            if spec["cond"] is not None:
-                base = base + spec["cond"][:, None, :]
-            self.vh.append(base.contiguous())
+        for layer, _, _, bh, _, _, cond, _ in self.specs:
+            base = (layer.v_to_h.bias + bh).detach()[None, None, :].expand(self.b, self.w, -1)
+            if cond is not None:
+                base = base + cond[:, None, :]
+            self.vh.append(list(base.unbind(1)))
 
     def _push_row(self, row_codes: torch.Tensor) -> None:
         """Feed a finished row to the vertical stack; compute its contribution to the next row."""
         x = F.embedding(row_codes, self.emb).permute(0, 2, 1)[:, :, None, :]  # [B, C, 1, W]
         p = self.p
         self.vh = []
-        for i, spec in enumerate(self.layers):
-            layer = spec["layer"]
+        for i, (layer, _, _, bh, _, _, cond, _) in enumerate(self.specs):
             self.vbuf[i] = torch.cat([self.vbuf[i][:, :, 1:], x], dim=2)
             v_pre = F.conv2d(F.pad(self.vbuf[i], (p, p, 0, 0)), layer.v_conv.weight, layer.v_conv.bias)
-            if spec["cond"] is not None:
-                v_pre = v_pre + spec["cond"][:, :, None, None]
-            vh = layer.v_to_h(v_pre)[:, :, 0, :].permute(0, 2, 1) + spec["bh"]
-            if spec["cond"] is not None:
-                vh = vh + spec["cond"][:, None, :]
-            self.vh.append(vh.contiguous())
+            if cond is not None:
+                v_pre = v_pre + cond[:, :, None, None]
+            vh = layer.v_to_h(v_pre)[:, :, 0, :].permute(0, 2, 1) + bh
+            if cond is not None:
+                vh = vh + cond[:, None, :]
+            self.vh.append(list(vh.unbind(1)))
             x = gate(v_pre)
 
     def _prefix(self, row_codes: torch.Tensor, end: int) -> None:
         """Horizontal stack for the known columns [0, end) of the current row, all at once."""
         p = self.p
-        self.hbuf[0][:, :, p:] = F.embedding(row_codes, self.emb).permute(0, 2, 1)
+        self.hbuf[0][p:] = F.embedding(row_codes, self.emb).transpose(0, 1)
         if end == 0:
             return
-        for i, spec in enumerate(self.layers):
-            kw = spec["kw"]
-            windows = self.hbuf[i][:, :, : end + kw - 1].unfold(2, kw, 1)  # [B, C, end, kw]
-            x = windows.permute(0, 2, 1, 3).reshape(self.b, end, self.c * kw)
-            pre = x @ spec["wh"] + self.vh[i][:, :end]
-            out = gate(pre.transpose(1, 2)).transpose(1, 2) @ spec["wo"] + spec["bo"]
+        for i, (_, kw, wh, _, wo, bo, _, _) in enumerate(self.specs):
+            windows = self.hbuf[i][: end + kw - 1].unfold(0, kw, 1)  # [end, B, C, kw]
+            x = windows.reshape(end, self.b, self.c * kw)
+            pre = x @ wh + torch.stack(self.vh[i][:end])
+            out = gate(pre.permute(1, 2, 0)).permute(2, 0, 1) @ wo + bo
             if i > 0:
-                out = out + self.hbuf[i][:, :, p : p + end].transpose(1, 2)
-            self.hbuf[i + 1][:, :, p : p + end] = out.transpose(1, 2)
+                out = out + self.hbuf[i][p : p + end]
+            self.hbuf[i + 1][p : p + end] = out
 
     def _position(self, col: int) -> torch.Tensor:
         """Horizontal stack and head at one column of the current row: logits [B, K]."""
-        p, c = self.p, self.c
-        for i, spec in enumerate(self.layers):
-            x = self.hbuf[i][:, :, col : col + spec["kw"]].reshape(self.b, -1)
-            pre = torch.addmm(self.vh[i][:, col], x, spec["wh"])
-            g = torch.tanh(pre[:, :c]) * torch.sigmoid(pre[:, c:])
-            res = spec["bo"] if i == 0 else self.hbuf[i][:, :, col + p] + spec["bo"]
-            self.hbuf[i + 1][:, :, col + p] = torch.addmm(res, g, spec["wo"])
-        hid = torch.relu(torch.addmm(self.b1, torch.relu(self.hbuf[-1][:, :, col + p]), self.w1))
+        q, b = col + self.p, self.b
+        hcols, vh = self.hcols, self.vh
+        for i, (_, _, wh, _, wo, bo, _, windows) in enumerate(self.specs):
+            pre = torch.addmm(vh[i][col], windows[col].reshape(b, -1), wh)
+            a, g = pre.chunk(2, dim=1)
+            g = torch.tanh(a) * torch.sigmoid(g)
+            torch.addmm(hcols[i][q] + bo if i else bo, g, wo, out=hcols[i + 1][q])
+        hid = torch.relu(torch.addmm(self.b1, torch.relu(hcols[-1][q]), self.w1))
         return torch.addmm(self.b2, hid, self.w2)
 
     def fill(
@@ -317,24 +329,31 @@ class IncrementalSampler:
         rows = torch.nonzero(any_mask.any(1)).flatten().tolist()
         if not rows:
             return codes
-        last_row = rows[-1]
         total = int(any_mask.sum())
         done = 0
+        first_cols = self.hcols[0]
         self._first_row()
-        for r in range(last_row + 1):
+        for r in range(rows[-1] + 1):
             if r > 0:
                 self._push_row(codes[:, r - 1])
             cols = torch.nonzero(any_mask[r]).flatten().tolist()
             if not cols:
                 continue  # nothing to sample in this row: only the vertical stack needs it
-            self._prefix(codes[:, r], cols[0])
-            for col in range(cols[0], cols[-1] + 1):
-                logits = self._position(col)
-                if any_mask[r, col]:
-                    new = pick(logits, temperature, top_k, gen)
-                    codes[:, r, col] = torch.where(mask[:, r, col], new, codes[:, r, col])
-                    done += 1
-                self.hbuf[0][:, :, col + self.p] = self.emb[codes[:, r, col]]
+            noise = row_noise(gen, len(cols), codes.shape[0], self.prior.num_codes, self.emb)
+            full = bool(mask[:, r].all())  # every grid samples every column of this row
+            row = codes[:, r]
+            self._prefix(row, cols[0])
+            masked = set(cols)
+            j = 0
+            with _one_thread(codes.device):
+                for col in range(cols[0], cols[-1] + 1):
+                    logits = self._position(col)
+                    if col in masked:
+                        new = choose(logits, noise[j], temperature, top_k)
+                        j += 1
+                        row[:, col] = new if full else torch.where(mask[:, r, col], new, row[:, col])
+                    torch.index_select(self.emb, 0, row[:, col], out=first_cols[col + self.p])
+            done += len(cols)
             if progress:
                 progress(done / total)
         return codes
