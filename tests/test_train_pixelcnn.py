@@ -78,3 +78,12 @@ def test_resume_matches_uninterrupted_run(tiny_vqvae: Path, image_folder: Path, 
     b = load_file(part / "final" / "model.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_torchrun_two_cpu_processes(tiny_vqvae: Path, image_folder: Path, tmp_path: Path):
+    out = tmp_path / "ddp"
+    args = cli(tiny_vqvae, image_folder, out, 1, "--device", "cpu")
+    res = run_module(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519", *args])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["epoch"] for r in records(out)] == [1]
+    GatedPixelCNN.from_pretrained(out / "final")
