@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "isic256"
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# Tests never touch the network (set before any test module imports huggingface_hub).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def lesion_image(size: int = 64, seed: int = 0) -> Image.Image:
@@ -42,6 +45,23 @@ def write_images(folder: Path, n: int, size: int = 64, start_seed: int = 0) -> l
         lesion_image(size, seed=start_seed + i).save(p)
         paths.append(p)
     return paths
+
+
+def make_pair(root: Path, latent: int, num_codes: int = 16, prior_codes: int | None = None) -> None:
+    """A tiny untrained VQ-VAE + class-conditional prior pair in root/vqvae-N, root/pixelcnn-N."""
+    from lesionstudio.pixelcnn import GatedPixelCNN
+    from lesionstudio.vqvae import VQVAE
+
+    torch.manual_seed(latent)
+    vq = VQVAE(hidden_channels=16, res_channels=8, num_res_blocks=1, downsample=256 // latent, num_codes=num_codes,
+               code_dim=4)  # fmt: skip
+    vq.save_pretrained(root / f"vqvae-{latent}")
+    (root / f"vqvae-{latent}" / "codebook_usage.json").write_text(
+        json.dumps({"num_codes": num_codes, "counts": list(range(num_codes))})
+    )
+    prior = GatedPixelCNN(num_codes=prior_codes or num_codes, channels=8, num_layers=2, num_classes=2,
+                          grid_size=latent, code_dim=4, class_names=["benign", "malignant"])  # fmt: skip
+    prior.save_pretrained(root / f"pixelcnn-{latent}")
 
 
 @pytest.fixture

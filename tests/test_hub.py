@@ -6,27 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import run_module
+from conftest import make_pair, run_module
 from fake_hub import serve_repo
 
 from lesionstudio import hub
 from lesionstudio.hubmodel import CheckpointError
-from lesionstudio.pixelcnn import GatedPixelCNN
-from lesionstudio.vqvae import VQVAE
-
-
-def make_pair(root: Path, latent: int, num_codes: int = 16, prior_codes: int | None = None) -> None:
-    torch.manual_seed(latent)
-    vq = VQVAE(hidden_channels=16, res_channels=8, num_res_blocks=1, downsample=256 // latent, num_codes=num_codes,
-               code_dim=4)  # fmt: skip
-    vq.save_pretrained(root / f"vqvae-{latent}")
-    (root / f"vqvae-{latent}" / "codebook_usage.json").write_text(
-        json.dumps({"num_codes": num_codes, "counts": list(range(num_codes))})
-    )
-    prior = GatedPixelCNN(num_codes=prior_codes or num_codes, channels=8, num_layers=2, num_classes=2,
-                          grid_size=latent, code_dim=4, class_names=["benign", "malignant"])  # fmt: skip
-    prior.save_pretrained(root / f"pixelcnn-{latent}")
 
 
 @pytest.fixture

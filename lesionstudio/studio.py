@@ -1,0 +1,272 @@
+"""The four tasks of the studio as plain library calls (the Gradio UI only wires these).
+
+Reconstruct an upload, browse the codebook, generate new lesions, inpaint codes. Models are
+loaded once per latent size and shared by all requests; every input image goes through
+:func:`lesionstudio.data.load_image` (any mode, EXIF orientation, decompression-bomb guard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import metrics
+from .data import eval_transform, load_image, to_pil
+from .hub import LATENTS, ModelPair, available_latents, default_source, load_pair
+from .plots import codebook_usage_figure
+from .sampling import inpaint, sample
+
+# Upload limits: what the studio accepts before decoding (the README's Limits section).
+MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_UPLOAD_PIXELS = 40_000_000
+MAX_SAMPLES = 16
+
+
+class StudioError(ValueError):
+    """A request the studio cannot serve, with a message meant for the user."""
+
+
+def palette(num_codes: int) -> np.ndarray:
+    """A fixed, well-spread colour per code (golden-ratio hues), uint8 [K, 3]."""
+    hues = (np.arange(num_codes) * 0.618033988749895) % 1.0
+    sat = 0.55 + 0.45 * ((np.arange(num_codes) * 7) % 3) / 2
+    val = 0.65 + 0.35 * ((np.arange(num_codes) * 5) % 2)
+    rgb = np.array(Image.fromarray((np.stack([hues, sat, val], 1)[None] * 255).astype(np.uint8), "HSV").convert("RGB"))
+    return rgb[0]
+
+
+def code_map_image(codes: torch.Tensor, num_codes: int, size: int = 256) -> Image.Image:
+    """Codes [h, w] as colours, scaled up without smoothing."""
+    rgb = palette(num_codes)[codes.cpu().numpy()]
+    return Image.fromarray(rgb.astype(np.uint8)).resize((size, size), Image.NEAREST)
+
+
+def error_heatmap(recon: torch.Tensor, target: torch.Tensor, vmax: float = 0.25) -> Image.Image:
+    """Mean absolute error per pixel, black (0) -> red -> yellow -> white (>= vmax)."""
+    err = (recon - target).abs().mean(0).clamp(0, vmax).cpu().numpy() / vmax
+    stops = np.array([[0, 0, 0], [170, 20, 20], [250, 200, 40], [255, 255, 255]], dtype=np.float32)
+    pos = err * (len(stops) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
+    frac = (pos - lo)[..., None]
+    rgb = stops[lo] * (1 - frac) + stops[lo + 1] * frac
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def check_upload(path: str | Path) -> None:
+    size = Path(path).stat().st_size
+    if size == 0:
+        raise StudioError("The uploaded file is empty.")
+    if size > MAX_UPLOAD_BYTES:
+        raise StudioError(f"The upload is {size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB.")
+
+
+def open_upload(image: str | Path | Image.Image | None) -> Image.Image:
+    """An uploaded file (or image) as RGB, or a StudioError with a message for the user."""
+    if image is None:
+        raise StudioError("Please upload an image first.")
+    if not isinstance(image, Image.Image):
+        check_upload(image)
+    try:
+        # Image.open reads only the header: the size is checked before any pixel is decoded.
+        with contextlib.nullcontext(image) if isinstance(image, Image.Image) else Image.open(image) as probe:
+            if probe.width * probe.height > MAX_UPLOAD_PIXELS:
+                raise StudioError(
+                    f"The image is {probe.width}x{probe.height} pixels; the limit is {MAX_UPLOAD_PIXELS:,} pixels."
+                )
+        return load_image(image)
+    except StudioError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise StudioError(f"The image is too large to decode safely: {exc}") from exc
+    except Exception as exc:  # any decoder failure becomes one clear message
+        raise StudioError(f"This file could not be read as an image ({type(exc).__name__}: {exc}).") from exc
+
+
+@dataclass
+class Reconstruction:
+    original: Image.Image
+    reconstruction: Image.Image
+    error: Image.Image
+    code_map: Image.Image
+    psnr: float
+    ssim: float
+    codes: torch.Tensor
+
+
+class Studio:
+    """Loads checkpoint pairs lazily (once per latent size) and serves the four tasks."""
+
+    def __init__(self, source: str | Path | None = None, device: str = "cpu") -> None:
+        self.source = default_source() if source is None else source
+        self.device = device
+        self._pairs: dict[int, ModelPair] = {}
+        self._lock = threading.Lock()
+        self.latents = available_latents(self.source)
+        if not self.latents:
+            raise StudioError(f"no VQ-VAE + prior pairs found in {self.source}")
+
+    def pair(self, latent: int | str) -> ModelPair:
+        latent = int(latent)
+        if latent not in self.latents:
+            raise StudioError(f"Latent size {latent} is not available; choose one of {self.latents}.")
+        with self._lock:
+            if latent not in self._pairs:
+                self._pairs[latent] = load_pair(latent, self.source, device=self.device)
+            return self._pairs[latent]
+
+    def _tensor(self, img: Image.Image, pair: ModelPair) -> torch.Tensor:
+        return eval_transform(pair.vqvae.image_size)(img).unsqueeze(0).to(self.device)
+
+    @torch.no_grad()
+    def reconstruct(self, image: str | Path | Image.Image | None, latent: int | str) -> Reconstruction:
+        pair = self.pair(latent)
+        x = self._tensor(open_upload(image), pair)
+        recon, codes = pair.vqvae.reconstruct(x)
+        return Reconstruction(
+            original=to_pil(x),
+            reconstruction=to_pil(recon),
+            error=error_heatmap(recon[0], x[0]),
+            code_map=code_map_image(codes[0], pair.vqvae.num_codes, x.shape[-1]),
+            psnr=float(metrics.psnr(recon, x)[0]),
+            ssim=float(metrics.ssim(recon, x)[0]),
+            codes=codes[0].cpu(),
+        )
+
+    def codebook_usage(self, latent: int | str) -> tuple[go.Figure, dict]:
+        """Sorted usage histogram over the training images and its summary numbers."""
+        pair = self.pair(latent)
+        if pair.usage is None:
+            raise StudioError(f"{pair.vqvae_dir} has no codebook_usage.json")
+        counts = torch.tensor(pair.usage)
+        stats = {
+            "codes": pair.vqvae.num_codes,
+            "used": metrics.codes_used(counts),
+            "dead": metrics.dead_codes(counts),
+            "perplexity": round(metrics.perplexity(counts), 1),
+        }
+        title = (
+            f"Codebook usage ({latent}x{latent} grid): {stats['used']}/{stats['codes']} codes used, "
+            f"perplexity {stats['perplexity']}"
+        )
+        return codebook_usage_figure(pair.usage, title), stats
+
+    @torch.no_grad()
+    def code_patch(self, latent: int | str, code: int, tiles: int = 8) -> Image.Image:
+        """What one code looks like: a small grid filled with it, decoded."""
+        pair = self.pair(latent)
+        if not 0 <= int(code) < pair.vqvae.num_codes:
+            raise StudioError(f"Code must be between 0 and {pair.vqvae.num_codes - 1}.")
+        grid = torch.full((1, tiles, tiles), int(code), dtype=torch.long, device=self.device)
+        return to_pil(pair.vqvae.decode_codes(grid)).resize((256, 256), Image.NEAREST)
+
+    @torch.no_grad()
+    def codebook_atlas(self, latent: int | str, tile: int = 4) -> Image.Image:
+        """Every code decoded as a tile-by-tile patch, laid out in code order."""
+        pair = self.pair(latent)
+        k = pair.vqvae.num_codes
+        side = int(np.ceil(np.sqrt(k)))
+        codes = torch.arange(k, device=self.device)
+        grids = codes[:, None, None].expand(k, tile, tile)
+        patches = torch.cat([pair.vqvae.decode_codes(grids[i : i + 64]) for i in range(0, k, 64)])
+        ph = patches.shape[-1]
+        canvas = torch.ones(3, side * ph, side * ph)
+        for i in range(k):
+            r, c = divmod(i, side)
+            canvas[:, r * ph : (r + 1) * ph, c * ph : (c + 1) * ph] = patches[i].cpu()
+        return to_pil(canvas)
+
+    def class_choices(self, latent: int | str) -> list[str]:
+        prior = self.pair(latent).prior
+        return ["any", *(prior.class_names if prior is not None and prior.num_classes else [])]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        latent: int | str,
+        n: int = 4,
+        temperature: float = 1.0,
+        seed: int | None = 0,
+        class_name: str = "any",
+        progress: Callable[[float], None] | None = None,
+    ) -> list[Image.Image]:
+        pair = self.pair(latent)
+        prior = pair.prior
+        if prior is None:
+            raise StudioError(f"No prior for latent size {latent}.")
+        n = int(n)
+        if not 1 <= n <= MAX_SAMPLES:
+            raise StudioError(f"Number of samples must be between 1 and {MAX_SAMPLES}.")
+        labels = None
+        if class_name not in (None, "", "any"):
+            if class_name not in prior.class_names or not prior.num_classes:
+                raise StudioError(f"Unknown class {class_name!r}; choose one of {self.class_choices(latent)}.")
+            labels = prior.class_names.index(class_name)
+        codes = sample(prior, n, temperature=float(temperature), seed=seed, labels=labels, progress=progress)
+        return [to_pil(img) for img in pair.vqvae.decode_codes(codes)]
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        image: str | Path | Image.Image | None,
+        mask: Image.Image | np.ndarray | None,
+        latent: int | str,
+        n: int = 3,
+        temperature: float = 1.0,
+        seed: int | None = 0,
+        progress: Callable[[float], None] | None = None,
+    ) -> tuple[Image.Image, list[Image.Image], torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Resample the codes under the painted mask; returns (original, variants, codes, code
+        mask, variant codes)."""
+        pair = self.pair(latent)
+        if pair.prior is None:
+            raise StudioError(f"No prior for latent size {latent}.")
+        n = int(n)
+        if not 1 <= n <= MAX_SAMPLES:
+            raise StudioError(f"Number of variants must be between 1 and {MAX_SAMPLES}.")
+        x = self._tensor(open_upload(image), pair)
+        codes = pair.vqvae.encode(x)[0]
+        code_mask = mask_to_codes(mask, codes.shape[-1])
+        if not bool(code_mask.any()):
+            raise StudioError("Paint over the region to change first (the mask is empty).")
+        out = inpaint(pair.prior, codes, code_mask.to(codes.device), temperature=float(temperature), seed=seed,
+                      n=n, progress=progress)  # fmt: skip
+        images = [to_pil(img) for img in pair.vqvae.decode_codes(out)]
+        return to_pil(pair.vqvae.decode_codes(codes[None])), images, codes.cpu(), code_mask, list(out.cpu())
+
+
+def mask_to_codes(mask: Image.Image | np.ndarray | None, grid: int) -> torch.Tensor:
+    """A painted mask (any size; painted where alpha, or the grey level, is > 0) to a [grid, grid]
+    boolean code mask: a code is resampled if any pixel of its patch is painted."""
+    if mask is None:
+        return torch.zeros(grid, grid, dtype=torch.bool)
+    arr = np.asarray(mask)
+    if arr.ndim == 3:
+        arr = arr[..., 3] if arr.shape[-1] == 4 else arr.max(-1)
+    m = torch.from_numpy((arr > 0).astype(np.float32))[None, None]
+    m = F.interpolate(m, size=(256, 256), mode="nearest")  # the frame the models see
+    return F.adaptive_max_pool2d(m, grid)[0, 0] > 0
+
+
+def zip_images(images: list[Image.Image], prefix: str = "lesion") -> bytes:
+    """PNG files in a zip archive, in memory."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i, img in enumerate(images):
+            png = io.BytesIO()
+            img.save(png, format="PNG")
+            zf.writestr(f"{prefix}_{i:03d}.png", png.getvalue())
+    return buf.getvalue()
+
+
+__all__ = ["LATENTS", "Reconstruction", "Studio", "StudioError", "mask_to_codes", "zip_images"]
