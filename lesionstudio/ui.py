@@ -1,0 +1,176 @@
+"""The Gradio interface: four tabs wired to :class:`lesionstudio.studio.Studio`.
+
+Each task is also a named API endpoint (``/reconstruct``, ``/codebook``, ``/generate``,
+``/inpaint``) for ``gradio_client``. Errors a user can cause are shown as messages, never as
+stack traces, and the app keeps serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from .data import IMAGE_EXTENSIONS
+from .studio import MAX_SAMPLES, MAX_UPLOAD_BYTES, Studio, StudioError, zip_images
+
+UPLOAD_TYPES = (*IMAGE_EXTENSIONS, ".tif", ".tiff", ".bmp", ".webp", ".gif")
+
+NOTICE = (
+    "**Research and education only — not a diagnostic tool.** LesionStudio generates and "
+    "reconstructs synthetic dermoscopic images; do not use it for any clinical decision. "
+    "Uploads are processed in memory and not stored (Gradio's temporary copies are deleted "
+    "within ten minutes)."
+)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Show a StudioError (bad upload, bad setting) as a message in the UI instead of a crash."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except StudioError as exc:
+            raise gr.Error(str(exc), print_exception=False) from exc
+
+    return wrapper
+
+
+def _editor_parts(value: dict | None) -> tuple[Any, np.ndarray | None]:
+    """(background image, painted mask) from an ImageEditor value."""
+    if not value or value.get("background") is None:
+        return None, None
+    layers = [np.asarray(layer) for layer in value.get("layers") or [] if layer is not None]
+    mask = None
+    for layer in layers:
+        alpha = (
+            layer[..., 3] if layer.ndim == 3 and layer.shape[-1] == 4 else layer.max(-1) if layer.ndim == 3 else layer
+        )
+        mask = alpha if mask is None else np.maximum(mask, alpha)
+    return value["background"], mask
+
+
+def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
+    latents = [str(n) for n in studio.latents]
+    default_latent = "64" if "64" in latents else latents[0]
+    tmp = Path(tempfile.mkdtemp(prefix="lesionstudio-"))
+
+    @user_errors
+    def reconstruct(image: str | None, latent: str):
+        r = studio.reconstruct(image, latent)
+        stats = {"psnr_db": round(r.psnr, 2), "ssim": round(r.ssim, 4), "latent": int(latent)}
+        return r.original, r.reconstruction, r.error, r.code_map, stats
+
+    @user_errors
+    def codebook(latent: str, code: float):
+        fig, stats = studio.codebook_usage(latent)
+        return fig, stats, studio.code_patch(latent, int(code)), studio.codebook_atlas(latent)
+
+    @user_errors
+    def generate(latent: str, temperature: float, n: float, seed: float, label: str, progress=gr.Progress()):  # noqa: B008
+        progress(0, desc="sampling codes")
+        images = studio.generate(latent, int(n), float(temperature), int(seed), label,
+                                 progress=lambda f: progress(f, desc="sampling codes"))  # fmt: skip
+        if len(images) == 1:
+            path = tmp / f"lesion_seed{int(seed)}.png"
+            images[0].save(path)
+        else:
+            path = tmp / f"lesions_seed{int(seed)}_{len(images)}.zip"
+            path.write_bytes(zip_images(images))
+        return images, str(path)
+
+    @user_errors
+    def inpaint(editor: dict | None, latent: str, temperature: float, n: float, seed: float, progress=gr.Progress()):  # noqa: B008
+        background, mask = _editor_parts(editor)
+        original, variants, _, code_mask, _ = studio.inpaint(
+            background, mask, latent, int(n), float(temperature), int(seed),
+            progress=lambda f: progress(f, desc="resampling codes"),
+        )  # fmt: skip
+        info = {"codes_resampled": int(code_mask.sum()), "grid": int(latent), "variants": len(variants)}
+        return original, variants, info
+
+    with gr.Blocks(title="LesionStudio", delete_cache=(600, 600)) as demo:
+        gr.Markdown("# LesionStudio\nVQ-VAE + Gated PixelCNN for dermoscopic skin-lesion images.")
+        gr.Markdown(NOTICE, elem_id="notice")
+        with gr.Tab("Reconstruct"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    # A file input, not gr.Image: the studio decodes uploads itself, so an odd or
+                    # hostile file gets the studio's clear message rather than a decoder error.
+                    r_in = gr.File(label="Lesion image", file_types=list(UPLOAD_TYPES), type="filepath",
+                                   elem_id="upload")  # fmt: skip
+                    r_latent = gr.Radio(latents, value=default_latent, label="Latent grid (codes per side)")
+                    r_btn = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct-btn")
+                    r_stats = gr.JSON(label="Metrics")
+                with gr.Column(scale=2), gr.Row():
+                    r_orig = gr.Image(label="Preprocessed input", format="png")
+                    r_rec = gr.Image(label="Reconstruction", format="png", elem_id="reconstruction")
+                with gr.Column(scale=2), gr.Row():
+                    r_err = gr.Image(label="Error heat-map (|input - reconstruction|)", format="png")
+                    r_map = gr.Image(label="Code map (one colour per code)", format="png")
+            if examples:
+                gr.Examples(examples, inputs=r_in, label="Examples")
+            r_btn.click(reconstruct, [r_in, r_latent], [r_orig, r_rec, r_err, r_map, r_stats],
+                        api_name="reconstruct")  # fmt: skip
+
+        with gr.Tab("Codebook"):
+            with gr.Row():
+                c_latent = gr.Radio(latents, value=default_latent, label="Latent grid")
+                c_code = gr.Number(value=0, precision=0, label="Code to look at", minimum=0)
+                c_btn = gr.Button("Show", variant="primary")
+            c_plot = gr.Plot(label="Usage over the training images")
+            with gr.Row():
+                c_stats = gr.JSON(label="Summary")
+                c_patch = gr.Image(label="The chosen code, decoded as a patch", format="png")
+                c_atlas = gr.Image(label="All codes, each decoded as a tile", format="png")
+            c_btn.click(codebook, [c_latent, c_code], [c_plot, c_stats, c_patch, c_atlas], api_name="codebook")
+
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    g_latent = gr.Radio(latents, value=default_latent, label="Latent grid")
+                    g_temp = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Temperature (0 = most likely code)")
+                    g_n = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="Number of samples")
+                    g_seed = gr.Number(value=0, precision=0, label="Seed")
+                    g_class = gr.Dropdown(studio.class_choices(default_latent), value="any", label="Class")
+                    g_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                with gr.Column(scale=2):
+                    g_gallery = gr.Gallery(label="Synthetic lesions", columns=4, format="png", elem_id="gallery")
+                    g_file = gr.File(label="Download (PNG, or zip for several)")
+            g_btn.click(generate, [g_latent, g_temp, g_n, g_seed, g_class], [g_gallery, g_file],
+                        api_name="generate", concurrency_limit=1)  # fmt: skip
+
+        with gr.Tab("Inpaint"):
+            gr.Markdown(
+                "Upload a lesion, paint over the region to change, and the prior redraws the codes "
+                "under the paint. It draws in raster order and sees only codes above and to the left, "
+                "so each variant is the best of several fills at meeting the codes kept below and right."
+            )
+            with gr.Row():
+                with gr.Column(scale=1):
+                    i_edit = gr.ImageEditor(type="pil", image_mode="RGBA", label="Paint the region to change",
+                                            sources=["upload"], layers=False, transforms=(),
+                                            brush=gr.Brush(colors=["#ff00ff"], default_size=24))  # fmt: skip
+                    i_latent = gr.Radio(latents, value=default_latent, label="Latent grid")
+                    i_temp = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Temperature")
+                    i_n = gr.Slider(1, 8, value=3, step=1, label="Variants")
+                    i_seed = gr.Number(value=0, precision=0, label="Seed")
+                    i_btn = gr.Button("Inpaint", variant="primary")
+                with gr.Column(scale=2):
+                    i_orig = gr.Image(label="Original (as the model encodes it)", format="png")
+                    i_gallery = gr.Gallery(label="Variants", columns=3, format="png")
+                    i_info = gr.JSON(label="Details")
+            i_btn.click(inpaint, [i_edit, i_latent, i_temp, i_n, i_seed], [i_orig, i_gallery, i_info],
+                        api_name="inpaint", concurrency_limit=1)  # fmt: skip
+        gr.Markdown(
+            f"Limits: uploads up to {MAX_UPLOAD_BYTES // 2**20} MB and 40 megapixels "
+            f"({', '.join(UPLOAD_TYPES)}); at most {MAX_SAMPLES} samples a request."
+        )
+    demo.queue(default_concurrency_limit=2, max_size=64)
+    return demo

@@ -1,0 +1,141 @@
+"""The app launched as a user would (python app.py), driven through gradio_client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, lesion_image, make_pair
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    make_pair(root, 32)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    log = open(tmp_path_factory.mktemp("log") / "app.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", "--checkpoints", str(root), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited: {Path(log.name).read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("app did not start in time")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(app_url: str) -> Client:
+    return Client(app_url, verbose=False)
+
+
+@pytest.fixture
+def upload(tmp_path: Path) -> str:
+    p = tmp_path / "lesion.jpg"
+    lesion_image(280, seed=9).save(p)
+    return str(p)
+
+
+def load(path_or_dict) -> np.ndarray:
+    path = path_or_dict["image"] if isinstance(path_or_dict, dict) else path_or_dict
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_reconstruct_endpoint(client: Client, upload: str):
+    original, recon, error, code_map, stats = client.predict(handle_file(upload), "32", api_name="/reconstruct")
+    for img in (original, recon, error, code_map):
+        assert load(img).shape == (256, 256, 3)
+    assert set(stats) >= {"psnr_db", "ssim"} and np.isfinite(stats["psnr_db"])
+
+
+def test_codebook_endpoint(client: Client):
+    plot, stats, patch, atlas = client.predict("32", 3, api_name="/codebook")
+    assert stats["codes"] == 16 and stats["used"] == 15
+    assert "plot" in plot and "Codebook usage" in str(plot["plot"])
+    assert load(patch).shape == (256, 256, 3) and load(atlas).shape[0] > 0
+
+
+def test_generate_endpoint_is_reproducible(client: Client):
+    gallery, download = client.predict("32", 1.0, 3, 7, "malignant", api_name="/generate")
+    again, _ = client.predict("32", 1.0, 3, 7, "malignant", api_name="/generate")
+    assert len(gallery) == 3
+    for a, b in zip(gallery, again, strict=True):
+        assert load(a).shape == (256, 256, 3)
+        assert np.array_equal(load(a), load(b))
+    assert str(download).endswith(".zip")
+    single, png = client.predict("32", 0.5, 1, 7, "any", api_name="/generate")
+    assert len(single) == 1 and str(png).endswith(".png")
+
+
+def test_inpaint_endpoint_changes_only_the_painted_region(client: Client, upload: str, tmp_path: Path):
+    mask = np.zeros((280, 280, 4), dtype=np.uint8)
+    mask[110:170, 110:170] = (255, 0, 255, 255)
+    Image.fromarray(mask, "RGBA").save(tmp_path / "mask.png")
+    editor = {"background": handle_file(upload), "layers": [handle_file(str(tmp_path / "mask.png"))],
+              "composite": None}  # fmt: skip
+    original, variants, info = client.predict(editor, "32", 1.0, 2, 3, api_name="/inpaint")
+    assert len(variants) == 2 and info["codes_resampled"] > 0
+    base = load(original).astype(int)
+    # far from the painted square (beyond the decoder's reach) the pixels are the original's
+    far = np.ones((256, 256), dtype=bool)
+    far[60:200, 60:200] = False
+    changed_inside = False
+    for v in variants:
+        img = load(v).astype(int)
+        assert np.abs(img[far] - base[far]).max() <= 1
+        changed_inside |= bool(np.abs(img[~far] - base[~far]).max() > 0)
+    assert changed_inside
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("empty.jpg", b"", "empty"),
+        ("text.png", b"this is not an image", "could not be read"),
+        ("truncated.jpg", None, "could not be read"),
+        ("huge.png", "huge", "limit"),
+    ],
+)
+def test_bad_uploads_get_a_message_and_the_app_keeps_serving(client, upload, tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        path.write_bytes(Path(upload).read_bytes()[:300])
+    elif content == "huge":
+        Image.new("L", (9000, 5000)).save(path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(Exception, match=message):
+        client.predict(handle_file(str(path)), "32", api_name="/reconstruct")
+    _, recon, *_ = client.predict(handle_file(upload), "32", api_name="/reconstruct")
+    assert load(recon).shape == (256, 256, 3)
