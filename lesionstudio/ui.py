@@ -112,8 +112,8 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
                     r_orig = gr.Image(label="Preprocessed input", format="png")
                     r_rec = gr.Image(label="Reconstruction", format="png", elem_id="reconstruction")
                 with gr.Column(scale=2), gr.Row():
-                    r_err = gr.Image(label="Error heat-map (|input - reconstruction|)", format="png")
-                    r_map = gr.Image(label="Code map (one colour per code)", format="png")
+                    r_err = gr.Image(label="Error heat-map", format="png")
+                    r_map = gr.Image(label="Code map", format="png")
             if examples:
                 gr.Examples(examples, inputs=r_in, label="Examples")
             r_btn.click(reconstruct, [r_in, r_latent], [r_orig, r_rec, r_err, r_map, r_stats],

@@ -94,6 +94,50 @@ def kill_when_exists(args: list[str], path: Path, timeout: float = 300) -> None:
     assert path.exists(), f"{path} was never written"
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_app(tmp_path_factory, source: Path | None = None):
+    """Start `python app.py` on a free loopback port, on `source` or tiny checkpoints; yield its URL."""
+    import subprocess
+    import time
+    import urllib.request
+
+    root = source
+    if root is None:
+        root = tmp_path_factory.mktemp("ckpts")
+        make_pair(root, 32)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    log = open(tmp_path_factory.mktemp("log") / "app.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", "--checkpoints", str(root), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited: {Path(log.name).read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("app did not start in time")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
 def run_module(args: list[str], cwd: Path = ROOT, timeout: float = 600, env: dict | None = None):
     """Run `python -m ...` from the repo root as a user would, returning the CompletedProcess."""
     import subprocess
