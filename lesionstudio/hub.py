@@ -78,14 +78,16 @@ def _local_model_dir(source: str | Path, name: str, revision: str | None) -> Pat
     return Path(config).parent
 
 
-def available_latents(source: str | Path | None = None, revision: str | None = None) -> list[int]:
-    """Latent sizes for which the source has a VQ-VAE and a prior."""
+def available_latents(
+    source: str | Path | None = None, revision: str | None = None, require_prior: bool = True
+) -> list[int]:
+    """Latent sizes for which the source has a VQ-VAE (and a prior, unless require_prior=False)."""
     source = default_source() if source is None else source
     return [
         latent
         for latent in LATENTS
         if _local_model_dir(source, f"vqvae-{latent}", revision)
-        and _local_model_dir(source, f"pixelcnn-{latent}", revision)
+        and (not require_prior or _local_model_dir(source, f"pixelcnn-{latent}", revision))
     ]
 
 

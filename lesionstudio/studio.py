@@ -112,9 +112,10 @@ class Studio:
         self.device = device
         self._pairs: dict[int, ModelPair] = {}
         self._lock = threading.Lock()
-        self.latents = available_latents(self.source)
+        # A latent size with a VQ-VAE but no prior still serves Reconstruct and Codebook.
+        self.latents = available_latents(self.source, require_prior=False)
         if not self.latents:
-            raise StudioError(f"no VQ-VAE + prior pairs found in {self.source}")
+            raise StudioError(f"no VQ-VAE checkpoints (vqvae-32/, vqvae-64/, vqvae-128/) found in {self.source}")
 
     def pair(self, latent: int | str) -> ModelPair:
         latent = int(latent)
@@ -122,7 +123,7 @@ class Studio:
             raise StudioError(f"Latent size {latent} is not available; choose one of {self.latents}.")
         with self._lock:
             if latent not in self._pairs:
-                self._pairs[latent] = load_pair(latent, self.source, device=self.device)
+                self._pairs[latent] = load_pair(latent, self.source, device=self.device, require_prior=False)
             return self._pairs[latent]
 
     def _tensor(self, img: Image.Image, pair: ModelPair) -> torch.Tensor:
@@ -203,7 +204,7 @@ class Studio:
         pair = self.pair(latent)
         prior = pair.prior
         if prior is None:
-            raise StudioError(f"No prior for latent size {latent}.")
+            raise StudioError(f"No prior is installed for the {latent}x{latent} grid; generation needs one.")
         n = int(n)
         if not 1 <= n <= MAX_SAMPLES:
             raise StudioError(f"Number of samples must be between 1 and {MAX_SAMPLES}.")
@@ -230,7 +231,7 @@ class Studio:
         mask, variant codes)."""
         pair = self.pair(latent)
         if pair.prior is None:
-            raise StudioError(f"No prior for latent size {latent}.")
+            raise StudioError(f"No prior is installed for the {latent}x{latent} grid; inpainting needs one.")
         n = int(n)
         if not 1 <= n <= MAX_SAMPLES:
             raise StudioError(f"Number of variants must be between 1 and {MAX_SAMPLES}.")

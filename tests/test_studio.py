@@ -99,6 +99,21 @@ def test_bad_uploads_get_clear_messages(studio: Studio, tmp_path: Path, upload: 
     assert studio.reconstruct(str(upload), 32).psnr > 0  # still serving
 
 
+def test_vqvae_without_prior_serves_reconstruct_only(tmp_path: Path, upload: Path):
+    make_pair(tmp_path, 64)
+    for f in (tmp_path / "pixelcnn-64").iterdir():
+        f.unlink()
+    (tmp_path / "pixelcnn-64").rmdir()
+    studio = Studio(tmp_path)
+    assert studio.latents == [64]
+    assert studio.reconstruct(str(upload), 64).codes.shape == (64, 64)
+    assert studio.class_choices(64) == ["any"]
+    with pytest.raises(StudioError, match="generation needs one"):
+        studio.generate(64, n=1)
+    with pytest.raises(StudioError, match="no VQ-VAE checkpoints"):
+        Studio(tmp_path / "vqvae-64")
+
+
 def test_zip_images():
     data = zip_images([lesion_image(16), lesion_image(16, seed=1)])
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
