@@ -219,6 +219,7 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
         val_bits = bits_per_code(model, val_codes.to(device), val_labels.to(device) if conditional else None)
         record = {
             "epoch": epoch + 1,
+            "epoch_seconds": elapsed,
             "train_bits_per_code": total / max(n_steps, 1) / math.log(2),
             "val_bits_per_code": val_bits,
             "unigram_bits": unigram,

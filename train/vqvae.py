@@ -208,7 +208,11 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
 
         if not d.is_main:
             continue
-        record = {"epoch": epoch + 1, "images_per_s": n_images * d.world_size / max(elapsed, 1e-9)}
+        record = {
+            "epoch": epoch + 1,
+            "epoch_seconds": elapsed,
+            "images_per_s": n_images * d.world_size / max(elapsed, 1e-9),
+        }
         record.update({f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()})
         record["train_quantization"] = record["train_codebook"] + args.beta * record["train_commitment"]
         record["skipped_images"] = skipped
