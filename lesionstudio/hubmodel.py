@@ -74,6 +74,9 @@ class HubModel(torch.nn.Module, PyTorchModelHubMixin):
             raise CheckpointError(f"{model_id}: {CONFIG_NAME} is not valid JSON: {exc}") from exc
         if not isinstance(config, dict):
             raise CheckpointError(f"{model_id}: {CONFIG_NAME} must hold a JSON object")
+        unknown = sorted(set(config) - set(cls._hub_mixin_init_parameters))  # type: ignore[attr-defined]
+        if unknown:  # a misspelt key would otherwise be dropped silently and its default used
+            raise CheckpointError(f"{model_id}: unknown config keys {unknown} for {cls.__name__}")
         return super().from_pretrained(model_id, **kwargs)  # type: ignore[misc]
 
     @classmethod
@@ -89,10 +92,6 @@ class HubModel(torch.nn.Module, PyTorchModelHubMixin):
         map_location: str = "cpu",
         **model_kwargs: Any,
     ) -> T:
-        params = cls._hub_mixin_init_parameters  # type: ignore[attr-defined]
-        unknown = sorted(set(model_kwargs) - set(params))
-        if unknown:
-            raise CheckpointError(f"{model_id}: unknown config keys {unknown} for {cls.__name__}")
         try:
             model = cls(**model_kwargs)
         except (TypeError, ValueError) as exc:

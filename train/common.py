@@ -97,6 +97,8 @@ def check_output_dir(out: Path, need_bytes: int) -> None:
             f.flush()
     except OSError as exc:
         raise SystemExit(f"error: cannot write to --out {out}: {exc}") from exc
+    for stale in out.glob(f".{CHECKPOINT}.*.tmp"):  # left by a run killed while saving
+        stale.unlink(missing_ok=True)
     free = shutil.disk_usage(out).free
     if free < need_bytes:
         raise SystemExit(
