@@ -7,8 +7,11 @@ stack traces, and the app keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,21 +59,51 @@ def _editor_parts(value: dict | None) -> tuple[Any, np.ndarray | None]:
     return value["background"], mask
 
 
+class ResultFiles:
+    """Results written as uniquely named PNG files, removed after ten minutes.
+
+    Handing Gradio a PIL image makes it (re)write a cache file named by the image's hash; two
+    requests with identical results (the same upload reconstructed twice at once) then rewrite
+    a file while it is being sent, and one client gets a truncated answer. Gradio copies a file
+    path into its cache atomically instead.
+    """
+
+    def __init__(self, max_age: float = 600) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="lesionstudio-"))
+        self.max_age = max_age
+
+    def png(self, img: Any) -> str:
+        path = self.dir / f"{uuid.uuid4().hex}.png"
+        img.save(path)
+        return str(path)
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{uuid.uuid4().hex[:8]}-{name}"
+
+    def prune(self) -> None:
+        cutoff = time.time() - self.max_age
+        for f in self.dir.iterdir():
+            with contextlib.suppress(OSError):
+                if f.stat().st_mtime < cutoff:
+                    f.unlink()
+
+
 def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
     latents = [str(n) for n in studio.latents]
     default_latent = "64" if "64" in latents else latents[0]
-    tmp = Path(tempfile.mkdtemp(prefix="lesionstudio-"))
+    files = ResultFiles()
 
     @user_errors
     def reconstruct(image: str | None, latent: str):
+        files.prune()
         r = studio.reconstruct(image, latent)
         stats = {"psnr_db": round(r.psnr, 2), "ssim": round(r.ssim, 4), "latent": int(latent)}
-        return r.original, r.reconstruction, r.error, r.code_map, stats
+        return *(files.png(i) for i in (r.original, r.reconstruction, r.error, r.code_map)), stats
 
     @user_errors
     def codebook(latent: str, code: float):
         fig, stats = studio.codebook_usage(latent)
-        return fig, stats, studio.code_patch(latent, int(code)), studio.codebook_atlas(latent)
+        return fig, stats, files.png(studio.code_patch(latent, int(code))), files.png(studio.codebook_atlas(latent))
 
     @user_errors
     def generate(latent: str, temperature: float, n: float, seed: float, label: str, progress=gr.Progress()):  # noqa: B008
@@ -78,12 +111,12 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
         images = studio.generate(latent, int(n), float(temperature), int(seed), label,
                                  progress=lambda f: progress(f, desc="sampling codes"))  # fmt: skip
         if len(images) == 1:
-            path = tmp / f"lesion_seed{int(seed)}.png"
+            path = files.path(f"lesion_seed{int(seed)}.png")
             images[0].save(path)
         else:
-            path = tmp / f"lesions_seed{int(seed)}_{len(images)}.zip"
+            path = files.path(f"lesions_seed{int(seed)}_{len(images)}.zip")
             path.write_bytes(zip_images(images))
-        return images, str(path)
+        return [files.png(i) for i in images], str(path)
 
     @user_errors
     def inpaint(editor: dict | None, latent: str, temperature: float, n: float, seed: float, progress=gr.Progress()):  # noqa: B008
@@ -93,7 +126,7 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
             progress=lambda f: progress(f, desc="resampling codes"),
         )  # fmt: skip
         info = {"codes_resampled": int(code_mask.sum()), "grid": int(latent), "variants": len(variants)}
-        return original, variants, info
+        return files.png(original), [files.png(v) for v in variants], info
 
     with gr.Blocks(title="LesionStudio", delete_cache=(600, 600)) as demo:
         gr.Markdown("# LesionStudio\nVQ-VAE + Gated PixelCNN for dermoscopic skin-lesion images.")
