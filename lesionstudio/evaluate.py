@@ -26,38 +26,6 @@ def _loader(dataset: Dataset, limit: int | None, batch_size: int) -> DataLoader:
 
 
 @torch.no_grad()
-def evaluate_vqvae(
-    model: VQVAE,
-    dataset: Dataset,
-    device: torch.device | str = "cpu",
-    limit: int | None = None,
-    batch_size: int = 16,
-) -> dict:
-    """Mean PSNR and SSIM of the reconstructions, and codebook usage, over a data set."""
-    model.eval()
-    psnrs, ssims = [], []
-    counts = torch.zeros(model.num_codes, dtype=torch.long)
-    for batch in _loader(dataset, limit, batch_size):
-        if batch.images.numel() == 0:
-            continue
-        images = batch.images.to(device)
-        recon, codes = model.reconstruct(images)
-        psnrs.append(metrics.psnr(recon, images).cpu())
-        ssims.append(metrics.ssim(recon, images).cpu())
-        counts += metrics.usage_histogram(codes, model.num_codes)
-    if not psnrs:
-        raise ValueError("no readable images to evaluate")
-    return {
-        "psnr": float(torch.cat(psnrs).mean()),
-        "ssim": float(torch.cat(ssims).mean()),
-        "perplexity": metrics.perplexity(counts),
-        "codes_used": metrics.codes_used(counts),
-        "images": int(sum(len(p) for p in psnrs)),
-        "counts": counts,
-    }
-
-
-@torch.no_grad()
 def codebook_usage(
     model: VQVAE,
     dataset: Dataset,
@@ -87,18 +55,21 @@ def prior_bits(
     return total / max(len(codes), 1)
 
 
+@torch.no_grad()
 def evaluate(
     vqvae: VQVAE,
-    dataset: LesionImageFolder,
+    dataset: Dataset,
     prior: GatedPixelCNN | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 16,
     use_labels: bool = False,
+    limit: int | None = None,
 ) -> dict:
-    """All metrics of ``python -m lesionstudio.evaluate`` for a data set (eval transform)."""
+    """Mean PSNR and SSIM of the reconstructions, codebook usage and (with a prior) bits per
+    code over a data set (its transform should be the eval transform), first `limit` images."""
     vqvae.eval()
     psnrs, ssims, all_codes, all_labels = [], [], [], []
-    for batch in tqdm(_loader(dataset, None, batch_size), desc="evaluating", unit="batch", mininterval=2):
+    for batch in tqdm(_loader(dataset, limit, batch_size), desc="evaluating", unit="batch", mininterval=2):
         if batch.images.numel() == 0:
             continue
         images = batch.images.to(device)

@@ -102,6 +102,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The odd and hostile uploads of tests/hostile.py, written once."""
+    from hostile import CORPUS, make
+
+    folder = tmp_path_factory.mktemp("hostile")
+    for name in CORPUS:
+        make(folder, name)
+    return folder
+
+
 def launch_app(tmp_path_factory, source: Path | None = None):
     """Start `python app.py` on a free loopback port, on `source` or tiny checkpoints; yield its URL."""
     import subprocess

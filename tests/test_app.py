@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import launch_app, lesion_image
-from hostile import CORPUS, make
+from hostile import CORPUS
 from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -80,14 +80,6 @@ def test_inpaint_endpoint_changes_only_the_painted_region(client: Client, upload
         assert np.abs(img[far] - base[far]).max() <= 1
         changed_inside |= bool(np.abs(img[~far] - base[~far]).max() > 0)
     assert changed_inside
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("hostile")
-    for name in CORPUS:
-        make(folder, name)
-    return folder
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))

@@ -7,18 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile import CORPUS, make
+from hostile import CORPUS
 
 from lesionstudio.data import eval_transform
 from lesionstudio.studio import StudioError, open_upload
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("hostile")
-    for name in CORPUS:
-        make(folder, name)
-    return folder
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))

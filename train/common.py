@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import DistributedSampler, RandomSampler
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -175,3 +178,97 @@ def push_to_hub(model: Any, repo_id: str, folder: Path) -> None:
         return
     model.push_to_hub(repo_id)
     print(f"uploaded {folder} to {repo_id}")
+
+
+@dataclass
+class Optimization:
+    """Adam, a warm-up + cosine schedule by step, and mixed precision on CUDA."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+
+    @classmethod
+    def create(
+        cls, model: torch.nn.Module, lr: float, total_steps: int, warmup_steps: int, device: torch.device
+    ) -> Optimization:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        warmup = min(warmup_steps, total_steps // 10 + 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, warmup))
+        amp_dtype = None
+        if device.type == "cuda":
+            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        return cls(model, optimizer, scheduler, scaler, amp_dtype)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, path: Path, epoch: int) -> None:
+        atomic_save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng_state(),
+                "epoch": epoch,
+                "config": getattr(self.model, "config", {}),
+            },
+            path,
+        )
+
+    def resume(self, out: Path, resume: bool, device: torch.device, is_main: bool) -> int:
+        """Load OUT/checkpoint.pt when resuming and return the epochs already done (0 for a fresh run)."""
+        path = out / CHECKPOINT
+        log = out / "metrics.jsonl"
+        if not (resume and path.exists()):
+            if is_main and log.exists():
+                log.unlink()  # a fresh run starts a fresh log
+            return 0
+        ckpt = load_checkpoint(path, device)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        if is_main:
+            truncate_jsonl(log, ckpt["epoch"])
+            print(f"resumed from {path} after epoch {ckpt['epoch']}")
+        return ckpt["epoch"]
+
+
+def epoch_sampler(dataset: Any, d: Dist, seed: int, epoch: int) -> torch.utils.data.Sampler:
+    """The epoch's shuffling, a function of (seed, epoch) only, so a resumed run repeats it."""
+    if d.enabled:
+        sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return sampler
+    return RandomSampler(dataset, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+
+
+def run(train_fn: Any, args: Any) -> None:
+    """Pick the device, join torchrun's process group if there is one, train, leave the group."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    device = pick_device(args.device)
+    d = setup_distributed(device)
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    try:
+        train_fn(args, device, d)
+    finally:
+        cleanup_distributed(d)

@@ -11,16 +11,14 @@ OUT/metrics.jsonl, OUT/curves.html, OUT/samples_epochNNN.png and an atomic OUT/c
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from torchvision.utils import save_image
 from tqdm import tqdm
 
@@ -98,17 +96,7 @@ def bits_per_code(model: GatedPixelCNN, codes: torch.Tensor, labels: torch.Tenso
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    device = common.pick_device(args.device)
-    d = common.setup_distributed(device)
-    if d.enabled and device.type == "cuda":
-        device = torch.device("cuda", d.local_rank)
-        torch.cuda.set_device(device)
-    try:
-        train(args, device, d)
-    finally:
-        common.cleanup_distributed(d)
+    common.run(train, parse_args(argv))
 
 
 def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> None:
@@ -147,31 +135,9 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
         class_names=classes if conditional else None,
         class_counts=[int((train_labels == i).sum()) for i in range(len(classes))] if conditional else None,
     ).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps_per_epoch = max(1, len(train_codes) // (args.batch_size * d.world_size))
-    total_steps = steps_per_epoch * args.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: common.cosine_lr(s, total_steps, min(args.warmup_steps, total_steps // 10 + 1))
-    )
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    start_epoch = 0
-    ckpt_path = out / common.CHECKPOINT
-    if args.resume and ckpt_path.exists():
-        ckpt = common.load_checkpoint(ckpt_path, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        common.set_rng_state(ckpt["rng"])
-        start_epoch = ckpt["epoch"]
-        if d.is_main:
-            common.truncate_jsonl(out / "metrics.jsonl", start_epoch)
-            print(f"resumed from {ckpt_path} after epoch {start_epoch}")
-    elif d.is_main and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+    opt = common.Optimization.create(model, args.lr, steps_per_epoch * args.epochs, args.warmup_steps, device)
+    start_epoch = opt.resume(out, args.resume, device, d.is_main)
 
     unigram = entropy_bits(usage_histogram(train_codes, vq.num_codes))
     net = DistributedDataParallel(model) if d.enabled else model
@@ -186,11 +152,7 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
 
     for epoch in range(start_epoch, args.epochs):
         common.seed_everything(args.seed * 1000 + epoch * 10 + d.rank)
-        if d.enabled:
-            sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        sampler = common.epoch_sampler(dataset, d, args.seed, epoch)
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True)
         model.train()
         total, n_steps, n_codes = 0.0, 0, 0
@@ -199,16 +161,11 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
         for batch_codes, batch_labels in bar:
             batch_codes = random_crops(batch_codes, args.crop).to(device)
             lab = batch_labels.to(device) if conditional else None
-            ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
-            with ctx:
+            with opt.autocast():
                 logits = net(batch_codes, lab)
             loss = F.cross_entropy(logits.float(), batch_codes)
             common.check_finite(loss, epoch, n_steps, out)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            opt.step(loss)
             total += loss.item()
             n_steps += 1
             n_codes += batch_codes.numel()
@@ -224,7 +181,7 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
             "val_bits_per_code": val_bits,
             "unigram_bits": unigram,
             "codes_per_s": n_codes * d.world_size / max(elapsed, 1e-9),
-            "lr": scheduler.get_last_lr()[0],
+            "lr": opt.lr,
         }
         common.append_jsonl(out / "metrics.jsonl", record)
         write_curves(
@@ -237,18 +194,7 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
             model.eval()
             grids = sample(model, args.samples, shape=(grid, grid), seed=args.seed + epoch)
             save_image(vq.decode_codes(grids).cpu(), out / f"samples_epoch{epoch + 1:03d}.png", nrow=args.samples)
-        common.atomic_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": common.rng_state(),
-                "epoch": epoch + 1,
-                "config": model.config,
-            },
-            ckpt_path,
-        )
+        opt.save(out / common.CHECKPOINT, epoch + 1)
         print(
             f"epoch {epoch + 1}: train {record['train_bits_per_code']:.3f}, validation {val_bits:.3f} bits/code "
             f"(unigram {unigram:.3f}), {record['codes_per_s']:.0f} codes/s"

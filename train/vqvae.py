@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm import tqdm
 
@@ -30,7 +28,7 @@ from lesionstudio.data import (
     split_indices,
     train_transform,
 )
-from lesionstudio.evaluate import codebook_usage, evaluate_vqvae
+from lesionstudio.evaluate import codebook_usage, evaluate
 from lesionstudio.plots import write_curves
 from lesionstudio.vqvae import VQVAE
 
@@ -108,17 +106,7 @@ def load_data(args: argparse.Namespace) -> tuple[LesionImageFolder, LesionImageF
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    device = common.pick_device(args.device)
-    d = common.setup_distributed(device)
-    if d.enabled and device.type == "cuda":
-        device = torch.device("cuda", d.local_rank)
-        torch.cuda.set_device(device)
-    try:
-        train(args, device, d)
-    finally:
-        common.cleanup_distributed(d)
+    common.run(train, parse_args(argv))
 
 
 def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> None:
@@ -128,31 +116,9 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
     train_set, val_set = load_data(args)
     common.seed_everything(args.seed)  # same seed, same initial weights on every rank
     model = build_model(args).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps_per_epoch = max(1, len(train_set) // (args.batch_size * d.world_size))
-    total_steps = steps_per_epoch * args.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: common.cosine_lr(s, total_steps, min(args.warmup_steps, total_steps // 10 + 1))
-    )
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    start_epoch = 0
-    ckpt_path = out / common.CHECKPOINT
-    if args.resume and ckpt_path.exists():
-        ckpt = common.load_checkpoint(ckpt_path, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        common.set_rng_state(ckpt["rng"])
-        start_epoch = ckpt["epoch"]
-        if d.is_main:
-            common.truncate_jsonl(out / "metrics.jsonl", start_epoch)
-            print(f"resumed from {ckpt_path} after epoch {start_epoch}")
-    elif d.is_main and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+    opt = common.Optimization.create(model, args.lr, steps_per_epoch * args.epochs, args.warmup_steps, device)
+    start_epoch = opt.resume(out, args.resume, device, d.is_main)
 
     net = DistributedDataParallel(model) if d.enabled else model
     if d.is_main:
@@ -165,15 +131,10 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
     for epoch in range(start_epoch, args.epochs):
         # Everything random in an epoch follows from (seed, epoch): a resumed run repeats it exactly.
         common.seed_everything(args.seed * 1000 + epoch * 10 + d.rank)
-        if d.enabled:
-            sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         loader = DataLoader(
             train_set,
             batch_size=args.batch_size,
-            sampler=sampler,
+            sampler=common.epoch_sampler(train_set, d, args.seed, epoch),
             num_workers=args.workers,
             collate_fn=collate_skip_bad,
             drop_last=len(train_set) >= args.batch_size * d.world_size,
@@ -189,16 +150,11 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
             if batch.images.numel() == 0:
                 continue
             images = batch.images.to(device, non_blocking=True)
-            ctx = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
-            with ctx:
+            with opt.autocast():
                 _, stats = net(images)
             loss = stats["loss"]
             common.check_finite(loss, epoch, n_steps, out)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            opt.step(loss)
             n_steps += 1
             n_images += images.shape[0]
             for k in sums:
@@ -216,22 +172,11 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
         record.update({f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()})
         record["train_quantization"] = record["train_codebook"] + args.beta * record["train_commitment"]
         record["skipped_images"] = skipped
-        record["lr"] = scheduler.get_last_lr()[0]
-        val = evaluate_vqvae(model, val_set, device, limit=args.val_limit, batch_size=args.batch_size)
-        record.update({f"val_{k}": v for k, v in val.items() if k != "counts"})
+        record["lr"] = opt.lr
+        val = evaluate(model, val_set, device=device, batch_size=args.batch_size, limit=args.val_limit)
+        record.update({f"val_{k}": val[k] for k in ("psnr", "ssim", "perplexity", "codes_used")})
         write_epoch_outputs(model, val_set, device, out, epoch, record)
-        common.atomic_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": common.rng_state(),
-                "epoch": epoch + 1,
-                "config": model.config,
-            },
-            ckpt_path,
-        )
+        opt.save(out / common.CHECKPOINT, epoch + 1)
         print(
             f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, val PSNR {val['psnr']:.2f} dB, "
             f"SSIM {val['ssim']:.3f}, perplexity {val['perplexity']:.0f}, codes used {val['codes_used']}/"
