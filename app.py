@@ -1,6 +1,6 @@
 """Start the LesionStudio web app.
 
-    python app.py [--host H] [--port P] [--checkpoints DIR | --hub REPO_ID] [--examples DIR] [--share]
+    python app.py [--host H] [--port P] [--checkpoints DIR | --hub REPO_ID] [--examples DIR] [--data DIR] [--share]
 
 Defaults: the bundled checkpoints/ (or $LESIONSTUDIO_CHECKPOINTS), 127.0.0.1:7860, or 0.0.0.0
 inside a Hugging Face Space or a container.
@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--checkpoints", type=Path, default=None, help="folder with vqvae-N/ and pixelcnn-N/")
     src.add_argument("--hub", metavar="REPO_ID", default=None, help="Hugging Face Hub repo laid out the same way")
     p.add_argument("--examples", type=Path, default=None, help="folder of example images")
+    p.add_argument("--data", type=Path, default=None, help="image folder for 'where does this code occur'")
+    p.add_argument("--data-limit", type=int, default=256, help="images of --data scanned (encoded once)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     return p.parse_args(argv)
@@ -41,8 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        studio = Studio(args.checkpoints or args.hub, device=args.device)
-    except (StudioError, CheckpointError) as exc:
+        studio = Studio(
+            args.checkpoints or args.hub, device=args.device, data_dir=args.data, data_limit=args.data_limit
+        )
+    except (StudioError, CheckpointError, OSError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     examples = None
     if args.examples:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import metrics
-from .data import eval_transform, load_image, to_pil
+from .data import ImageLoadError, eval_transform, find_images, load_image, to_pil
 from .hub import LATENTS, ModelPair, available_latents, default_source, load_pair
 from .plots import codebook_usage_figure
 from .sampling import inpaint, sample
@@ -107,9 +107,18 @@ class Reconstruction:
 class Studio:
     """Loads checkpoint pairs lazily (once per latent size) and serves the four tasks."""
 
-    def __init__(self, source: str | Path | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        source: str | Path | None = None,
+        device: str = "cpu",
+        data_dir: str | Path | None = None,
+        data_limit: int = 256,
+    ) -> None:
         self.source = default_source() if source is None else source
         self.device = device
+        # Optional image folder for "where does this code occur most": the first data_limit images.
+        self.data_files = find_images(data_dir)[:data_limit] if data_dir else []
+        self._data_codes: dict[int, torch.Tensor] = {}
         self._pairs: dict[int, ModelPair] = {}
         self._lock = threading.Lock()
         # A latent size with a VQ-VAE but no prior still serves Reconstruct and Codebook.
@@ -186,6 +195,45 @@ class Studio:
             r, c = divmod(i, side)
             canvas[:, r * ph : (r + 1) * ph, c * ph : (c + 1) * ph] = patches[i].cpu()
         return to_pil(canvas)
+
+    @torch.no_grad()
+    def _codes_of_data(self, latent: int) -> torch.Tensor:
+        """Code grids of the data folder's images (encoded once per latent size), [N, h, w]."""
+        with self._lock:
+            if latent not in self._data_codes:
+                pair = self._pairs[latent]
+                transform = eval_transform(pair.vqvae.image_size)
+                grids = []
+                for path in self.data_files:
+                    try:
+                        x = transform(load_image(path)).unsqueeze(0).to(self.device)
+                    except ImageLoadError:
+                        continue
+                    grids.append(pair.vqvae.encode(x)[0].cpu())
+                self._data_codes[latent] = torch.stack(grids) if grids else torch.empty(0, latent, latent)
+            return self._data_codes[latent]
+
+    def code_occurrences(self, latent: int | str, code: int, top: int = 4) -> list[tuple[Image.Image, str]]:
+        """The data-folder images where a code occurs most, the code's positions outlined in magenta."""
+        if not self.data_files:
+            return []
+        pair = self.pair(latent)
+        code = int(code)
+        grids = self._codes_of_data(int(latent))
+        if len(grids) == 0:
+            return []
+        counts = (grids == code).flatten(1).sum(1)
+        found = []
+        for i in counts.argsort(descending=True)[:top].tolist():
+            if counts[i] == 0:
+                break
+            img = eval_transform(pair.vqvae.image_size)(load_image(self.data_files[i]))
+            where = (grids[i] == code).float()[None, None]
+            where = F.interpolate(where, size=img.shape[-2:], mode="nearest")[0, 0] > 0
+            edge = where & ~(F.max_pool2d(-where.float()[None, None], 3, 1, 1)[0, 0] < 0)
+            img[:, edge] = torch.tensor([1.0, 0.0, 1.0])[:, None]
+            found.append((to_pil(img), f"{self.data_files[i].name}: {int(counts[i])} times"))
+        return found
 
     def class_choices(self, latent: int | str) -> list[str]:
         prior = self.pair(latent).prior

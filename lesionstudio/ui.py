@@ -103,7 +103,9 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
     @user_errors
     def codebook(latent: str, code: float):
         fig, stats = studio.codebook_usage(latent)
-        return fig, stats, files.png(studio.code_patch(latent, int(code))), files.png(studio.codebook_atlas(latent))
+        patch, atlas = files.png(studio.code_patch(latent, int(code))), files.png(studio.codebook_atlas(latent))
+        where = [(files.png(img), caption) for img, caption in studio.code_occurrences(latent, int(code))]
+        return fig, stats, patch, atlas, where
 
     @user_errors
     def generate(latent: str, temperature: float, n: float, seed: float, label: str, progress=gr.Progress()):  # noqa: B008
@@ -162,7 +164,10 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
                 c_stats = gr.JSON(label="Summary")
                 c_patch = gr.Image(label="The chosen code, decoded as a patch", format="png")
                 c_atlas = gr.Image(label="All codes, each decoded as a tile", format="png")
-            c_btn.click(codebook, [c_latent, c_code], [c_plot, c_stats, c_patch, c_atlas], api_name="codebook")
+            c_where = gr.Gallery(label="Where the code occurs most in the data folder (outlined)", columns=4,
+                                 format="png", visible=bool(studio.data_files))  # fmt: skip
+            c_btn.click(codebook, [c_latent, c_code], [c_plot, c_stats, c_patch, c_atlas, c_where],
+                        api_name="codebook")  # fmt: skip
 
         with gr.Tab("Generate"):
             with gr.Row():
@@ -176,6 +181,7 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
                 with gr.Column(scale=2):
                     g_gallery = gr.Gallery(label="Synthetic lesions", columns=4, format="png", elem_id="gallery")
                     g_file = gr.File(label="Download (PNG, or zip for several)")
+                    g_send = gr.Button("Inpaint the first sample")
             g_btn.click(generate, [g_latent, g_temp, g_n, g_seed, g_class], [g_gallery, g_file],
                         api_name="generate", concurrency_limit=1)  # fmt: skip
 
@@ -199,8 +205,19 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
                     i_orig = gr.Image(label="Original (as the model encodes it)", format="png")
                     i_gallery = gr.Gallery(label="Variants", columns=3, format="png")
                     i_info = gr.JSON(label="Details")
+            if examples:
+                gr.Examples(examples, inputs=i_edit, label="Examples")
             i_btn.click(inpaint, [i_edit, i_latent, i_temp, i_n, i_seed], [i_orig, i_gallery, i_info],
                         api_name="inpaint", concurrency_limit=1)  # fmt: skip
+
+        def to_editor(gallery: list | None, latent: str):
+            if not gallery:
+                raise gr.Error("Generate a sample first.", print_exception=False)
+            first = gallery[0][0] if isinstance(gallery[0], (list, tuple)) else gallery[0]
+            path = first.get("path") if isinstance(first, dict) else first
+            return {"background": path, "layers": [], "composite": path}, latent
+
+        g_send.click(to_editor, [g_gallery, g_latent], [i_edit, i_latent], api_name=False)
         gr.Markdown(
             f"Limits: uploads up to {MAX_UPLOAD_BYTES // 2**20} MB and 40 megapixels "
             f"({', '.join(UPLOAD_TYPES)}); at most {MAX_SAMPLES} samples a request."

@@ -44,7 +44,8 @@ def test_reconstruct_endpoint(client: Client, upload: str):
 
 
 def test_codebook_endpoint(client: Client):
-    plot, stats, patch, atlas = client.predict("32", 3, api_name="/codebook")
+    plot, stats, patch, atlas, where = client.predict("32", 3, api_name="/codebook")
+    assert where == []  # no --data folder given
     assert stats["codes"] == 16 and stats["used"] == 15
     assert "plot" in plot and "Codebook usage" in str(plot["plot"])
     assert load(patch).shape == (256, 256, 3) and load(atlas).shape[0] > 0

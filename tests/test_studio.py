@@ -48,6 +48,20 @@ def test_codebook_views(studio: Studio):
     assert atlas.size[0] == atlas.size[1] > 0
 
 
+def test_code_occurrences_in_a_data_folder(tmp_path: Path):
+    from conftest import write_images
+
+    make_pair(tmp_path / "ck", 32)
+    write_images(tmp_path / "data", 5)
+    studio = Studio(tmp_path / "ck", data_dir=tmp_path / "data")
+    code = int(studio.reconstruct(str(tmp_path / "data" / "lesion_000.jpg"), 32).codes[0, 0])
+    found = studio.code_occurrences(32, code, top=3)
+    assert 1 <= len(found) <= 3 and found[0][0].size == (256, 256)
+    counts = [int(caption.split(": ")[1].split()[0]) for _, caption in found]
+    assert counts == sorted(counts, reverse=True) and counts[0] > 0
+    assert Studio(tmp_path / "ck").code_occurrences(32, code) == []
+
+
 def test_generate_is_reproducible_and_honours_classes(studio: Studio):
     a = studio.generate(32, n=2, temperature=1.0, seed=3, class_name="malignant")
     b = studio.generate(32, n=2, temperature=1.0, seed=3, class_name="malignant")
