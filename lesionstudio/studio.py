@@ -90,7 +90,8 @@ def open_upload(image: str | Path | Image.Image | None) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise StudioError(f"The image is too large to decode safely: {exc}") from exc
     except Exception as exc:  # any decoder failure becomes one clear message
-        raise StudioError(f"This file could not be read as an image ({type(exc).__name__}: {exc}).") from exc
+        detail = str(exc) if isinstance(image, Image.Image) else str(exc).replace(str(image), Path(image).name)
+        raise StudioError(f"This file could not be read as an image ({type(exc).__name__}: {detail}).") from exc
 
 
 @dataclass
