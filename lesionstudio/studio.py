@@ -120,6 +120,7 @@ class Studio:
         # Optional image folder for "where does this code occur most": the first data_limit images.
         self.data_files = find_images(data_dir)[:data_limit] if data_dir else []
         self._data_codes: dict[int, torch.Tensor] = {}
+        self._atlases: dict[tuple[int, int], Image.Image] = {}
         self._pairs: dict[int, ModelPair] = {}
         self._lock = threading.Lock()
         # A latent size with a VQ-VAE but no prior still serves Reconstruct and Codebook.
@@ -183,7 +184,13 @@ class Studio:
 
     @torch.no_grad()
     def codebook_atlas(self, latent: int | str, tile: int = 4) -> Image.Image:
-        """Every code decoded as a tile-by-tile patch, laid out in code order."""
+        """Every code decoded as a tile-by-tile patch, laid out in code order (made once per size)."""
+        key = (int(latent), tile)
+        if key not in self._atlases:
+            self._atlases[key] = self._make_atlas(latent, tile)
+        return self._atlases[key]
+
+    def _make_atlas(self, latent: int | str, tile: int) -> Image.Image:
         pair = self.pair(latent)
         k = pair.vqvae.num_codes
         side = int(np.ceil(np.sqrt(k)))
