@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--checkpoints", type=Path, default=None, help="folder with vqvae-N/ and pixelcnn-N/")
     src.add_argument("--hub", metavar="REPO_ID", default=None, help="Hugging Face Hub repo laid out the same way")
     p.add_argument("--examples", type=Path, default=None, help="folder of example images")
-    p.add_argument("--data", type=Path, default=None, help="image folder for 'where does this code occur'")
+    p.add_argument("--data", type=Path, default=None,
+                   help="training-image folder: where a code occurs, and each sample's nearest training image")
     p.add_argument("--data-limit", type=int, default=256, help="images of --data scanned (encoded once)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")

@@ -28,6 +28,9 @@ from .pixelcnn import GatedPixelCNN, gate
 
 Progress = Callable[[float], None]
 LabelsArg = int | Sequence[int] | torch.Tensor | None
+SeedArg = int | Sequence[int] | None
+# One generator for the whole batch, or one per grid (then a grid's codes depend only on its seed).
+Generators = torch.Generator | list[torch.Generator]
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -39,7 +42,17 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def resolve_labels(prior: GatedPixelCNN, n: int, labels: LabelsArg, gen: torch.Generator) -> torch.Tensor | None:
+def make_generators(seed: SeedArg, n: int) -> Generators:
+    """A generator for a seed (or None), or one per grid for a sequence of n seeds."""
+    if seed is None or isinstance(seed, int):
+        return make_generator(seed)
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"expected one seed or {n} seeds, got {len(seeds)}")
+    return [make_generator(s) for s in seeds]
+
+
+def resolve_labels(prior: GatedPixelCNN, n: int, labels: LabelsArg, gen: Generators) -> torch.Tensor | None:
     """Class ids for n samples: given (int, sequence or tensor), or on a class-conditional prior
     drawn by the training class frequencies when None; None for an unconditional prior."""
     if prior.num_classes == 0:
@@ -47,7 +60,10 @@ def resolve_labels(prior: GatedPixelCNN, n: int, labels: LabelsArg, gen: torch.G
             raise ValueError("this prior is unconditional: it takes no class labels")
         return None
     if labels is None:
-        return torch.multinomial(prior.class_probabilities(), n, replacement=True, generator=gen)
+        probs = prior.class_probabilities()
+        if isinstance(gen, list):
+            return torch.cat([torch.multinomial(probs, 1, generator=g) for g in gen])
+        return torch.multinomial(probs, n, replacement=True, generator=gen)
     lab = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if lab.numel() == 1:
         lab = lab.expand(n)
@@ -58,10 +74,13 @@ def resolve_labels(prior: GatedPixelCNN, n: int, labels: LabelsArg, gen: torch.G
     return lab.clone()
 
 
-def row_noise(gen: torch.Generator, count: int, n: int, k: int, like: torch.Tensor) -> torch.Tensor:
+def row_noise(gen: Generators, count: int, n: int, k: int, like: torch.Tensor) -> torch.Tensor:
     """Gumbel noise [count, n, k] for the sampled positions of one row (both samplers draw the
     same stream: one block per row that has positions to sample, in raster order)."""
-    u = torch.rand((count, n, k), generator=gen, dtype=like.dtype)
+    if isinstance(gen, list):
+        u = torch.cat([torch.rand((count, 1, k), generator=g, dtype=like.dtype) for g in gen], dim=1)
+    else:
+        u = torch.rand((count, n, k), generator=gen, dtype=like.dtype)
     tiny = torch.finfo(like.dtype).tiny
     return (-torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))).to(like.device)
 
@@ -82,18 +101,22 @@ def sample(
     n: int,
     shape: tuple[int, int] | None = None,
     temperature: float = 1.0,
-    seed: int | None = None,
+    seed: SeedArg = None,
     labels: LabelsArg = None,
     top_k: int | None = None,
     method: str = "incremental",
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Draw n code grids [n, h, w] from the prior (shape defaults to the grid it was trained on)."""
+    """Draw n code grids [n, h, w] from the prior (shape defaults to the grid it was trained on).
+
+    ``seed`` is one seed for the batch, or n seeds, one per grid: then grid i (and its class,
+    when drawn) depends on seed i alone, not on the batch it was drawn in.
+    """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     h, w = shape or (prior.grid_size, prior.grid_size)
     device = prior.embedding.weight.device
-    gen = make_generator(seed)
+    gen = make_generators(seed, n)
     lab = resolve_labels(prior, n, labels, gen)
     codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
     mask = torch.ones(n, h, w, dtype=torch.bool, device=device)
@@ -174,7 +197,7 @@ def _fill(
     labels: torch.Tensor | None,
     temperature: float,
     top_k: int | None,
-    gen: torch.Generator,
+    gen: Generators,
     method: str,
     progress: Progress | None,
 ) -> torch.Tensor:
@@ -322,7 +345,7 @@ class IncrementalSampler:
         mask: torch.Tensor,
         temperature: float,
         top_k: int | None,
-        gen: torch.Generator,
+        gen: Generators,
         progress: Progress | None = None,
     ) -> torch.Tensor:
         any_mask = mask.any(0)

@@ -23,7 +23,9 @@ from PIL import Image
 
 from . import metrics
 from .data import ImageLoadError, eval_transform, find_images, load_image, to_pil
+from .features import EncoderFeatures, cached, compute, dihedral
 from .hub import LATENTS, ModelPair, available_latents, default_source, load_pair
+from .memorization import DEFAULT_THRESHOLD, nearest
 from .plots import codebook_usage_figure
 from .sampling import inpaint, sample
 
@@ -31,6 +33,7 @@ from .sampling import inpaint, sample
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000
 MAX_SAMPLES = 16
+REFERENCE_IMAGES = 64  # data images whose nearest other data image sets the typical distance
 
 
 class StudioError(ValueError):
@@ -95,6 +98,14 @@ def open_upload(image: str | Path | Image.Image | None) -> Image.Image:
 
 
 @dataclass
+class NeighbourIndex:
+    extractor: EncoderFeatures
+    files: list[Path]
+    features: torch.Tensor
+    typical: float  # median leave-one-out nearest-neighbour distance among the data images
+
+
+@dataclass
 class Reconstruction:
     original: Image.Image
     reconstruction: Image.Image
@@ -122,6 +133,7 @@ class Studio:
         self._data_codes: dict[int, torch.Tensor] = {}
         self._atlases: dict[tuple[int, int], Image.Image] = {}
         self._pairs: dict[int, ModelPair] = {}
+        self._neighbours: NeighbourIndex | None = None
         self._lock = threading.Lock()
         # A latent size with a VQ-VAE but no prior still serves Reconstruct and Codebook.
         self.latents = available_latents(self.source, require_prior=False)
@@ -242,6 +254,39 @@ class Studio:
             img[:, edge] = torch.tensor([1.0, 0.0, 1.0])[:, None]
             found.append((to_pil(img), f"{self.data_files[i].name}: {int(counts[i])} times"))
         return found
+
+    def _neighbour_index(self) -> NeighbourIndex:
+        """Features of the data folder's images (built on first use, cached on disk) and the
+        typical distance of one of them to its nearest other one (leave-one-out)."""
+        latent = min(self.latents)  # the cheapest encoder; see lesionstudio.features
+        extractor = EncoderFeatures(self.pair(latent).vqvae)
+        with self._lock:
+            if self._neighbours is None:
+                train = cached(self.data_files, extractor, desc="data-folder features")
+                k = min(REFERENCE_IMAGES, len(train.files))
+                probe = compute(train.files[:k], extractor, all_orientations=True, desc="reference")
+                ref = nearest(probe.features, train.features, exclude=torch.arange(k)).distance
+                typical = float(ref[torch.isfinite(ref)].median()) if len(train.files) > 1 else float("nan")
+                self._neighbours = NeighbourIndex(extractor, train.files, train.features, typical)
+            return self._neighbours
+
+    @torch.no_grad()
+    def nearest_training(self, images: list[Image.Image]) -> list[tuple[Image.Image, str]]:
+        """For each image, the nearest data-folder image (VQ-VAE encoder features, any flip or
+        rotation) with its distance as a ratio to the typical distance between real images."""
+        if not self.data_files or not images:
+            return []
+        index = self._neighbour_index()
+        x = torch.stack([eval_transform(256)(img) for img in images])
+        queries = torch.stack([index.extractor(v) for v in dihedral(x)], dim=1)
+        found = nearest(queries, index.features)
+        out = []
+        for i, (j, d) in enumerate(zip(found.index.tolist(), found.distance.tolist(), strict=True)):
+            ratio = d / index.typical if index.typical > 0 else float("nan")
+            note = " (possible copy)" if ratio < DEFAULT_THRESHOLD else ""
+            thumb = to_pil(eval_transform(256)(load_image(index.files[j])))
+            out.append((thumb, f"sample {i + 1}: {index.files[j].name}, distance ratio {ratio:.2f}{note}"))
+        return out
 
     def class_choices(self, latent: int | str) -> list[str]:
         prior = self.pair(latent).prior

@@ -118,7 +118,9 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
         else:
             path = files.path(f"lesions_seed{int(seed)}_{len(images)}.zip")
             path.write_bytes(zip_images(images))
-        return [files.png(i) for i in images], str(path)
+        progress(1, desc="finding the nearest training images")
+        near = [(files.png(img), caption) for img, caption in studio.nearest_training(images)]
+        return [files.png(i) for i in images], str(path), near
 
     @user_errors
     def inpaint(editor: dict | None, latent: str, temperature: float, n: float, seed: float, progress=gr.Progress()):  # noqa: B008
@@ -182,7 +184,11 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
                     g_gallery = gr.Gallery(label="Synthetic lesions", columns=4, format="png", elem_id="gallery")
                     g_file = gr.File(label="Download (PNG, or zip for several)")
                     g_send = gr.Button("Inpaint the first sample")
-            g_btn.click(generate, [g_latent, g_temp, g_n, g_seed, g_class], [g_gallery, g_file],
+                    # A memorisation check at a glance: is a sample a copy of a training image?
+                    g_near = gr.Gallery(label="Nearest training image of each sample (ratio to the typical "
+                                        "real-to-real distance; near 0 = copy)", columns=4, format="png",
+                                        visible=bool(studio.data_files), elem_id="nearest")  # fmt: skip
+            g_btn.click(generate, [g_latent, g_temp, g_n, g_seed, g_class], [g_gallery, g_file, g_near],
                         api_name="generate", concurrency_limit=1)  # fmt: skip
 
         with gr.Tab("Inpaint"):

@@ -52,14 +52,15 @@ def test_codebook_endpoint(client: Client):
 
 
 def test_generate_endpoint_is_reproducible(client: Client):
-    gallery, download = client.predict("32", 1.0, 3, 7, "malignant", api_name="/generate")
-    again, _ = client.predict("32", 1.0, 3, 7, "malignant", api_name="/generate")
+    gallery, download, nearest = client.predict("32", 1.0, 3, 7, "malignant", api_name="/generate")
+    assert nearest == []  # no --data folder given
+    again, _, _ = client.predict("32", 1.0, 3, 7, "malignant", api_name="/generate")
     assert len(gallery) == 3
     for a, b in zip(gallery, again, strict=True):
         assert load(a).shape == (256, 256, 3)
         assert np.array_equal(load(a), load(b))
     assert str(download).endswith(".zip")
-    single, png = client.predict("32", 0.5, 1, 7, "any", api_name="/generate")
+    single, png, _ = client.predict("32", 0.5, 1, 7, "any", api_name="/generate")
     assert len(single) == 1 and str(png).endswith(".png")
 
 

@@ -86,6 +86,17 @@ def test_same_seed_same_codes_and_different_seed_differs():
     assert not torch.equal(sample(prior, 2, seed=5), sample(prior, 2, seed=6))
 
 
+def test_per_grid_seeds_make_each_grid_independent_of_its_batch():
+    prior = random_prior(num_classes=2)
+    batch = sample(prior, 3, seed=[10, 11, 12])
+    assert torch.equal(batch, sample(prior, 3, seed=[10, 11, 12], method="naive"))
+    for i, s in enumerate((10, 11, 12)):  # the same grid (and drawn class) alone or in any batch
+        assert torch.equal(batch[i], sample(prior, 1, seed=[s])[0])
+    assert torch.equal(batch[1:], sample(prior, 2, seed=[11, 12]))
+    with pytest.raises(ValueError, match="3 seeds"):
+        sample(prior, 3, seed=[1, 2])
+
+
 def test_temperature_zero_is_argmax():
     prior = random_prior()
     codes = sample(prior, 2, temperature=0.0, seed=0)

@@ -62,6 +62,23 @@ def test_code_occurrences_in_a_data_folder(tmp_path: Path):
     assert Studio(tmp_path / "ck").code_occurrences(32, code) == []
 
 
+def test_nearest_training_image_of_samples(tmp_path: Path, monkeypatch):
+    from conftest import write_images
+
+    monkeypatch.setenv("LESIONSTUDIO_CACHE", str(tmp_path / "cache"))
+    make_pair(tmp_path / "ck", 32)
+    files = write_images(tmp_path / "data", 12)
+    studio = Studio(tmp_path / "ck", data_dir=tmp_path / "data")
+    samples = studio.generate(32, n=2, seed=1)
+    found = studio.nearest_training(samples)
+    assert len(found) == 2 and all(img.size == (256, 256) for img, _ in found)
+    assert found[0][1].startswith("sample 1: lesion_") and "distance ratio" in found[0][1]
+    copy = Image.open(files[5]).transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # a mirrored training image
+    (_, caption), = studio.nearest_training([copy])
+    assert caption.startswith(f"sample 1: {files[5].name}, distance ratio 0.0") and "possible copy" in caption
+    assert Studio(tmp_path / "ck").nearest_training(samples) == []  # no data folder: nothing to show
+
+
 def test_generate_is_reproducible_and_honours_classes(studio: Studio):
     a = studio.generate(32, n=2, temperature=1.0, seed=3, class_name="malignant")
     b = studio.generate(32, n=2, temperature=1.0, seed=3, class_name="malignant")

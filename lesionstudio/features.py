@@ -1,0 +1,171 @@
+"""Image features for nearest-neighbour search and distribution distances, computable offline.
+
+The feature network is a LesionStudio VQ-VAE encoder (by default the shipped 32x32 one): it was
+trained on dermoscopic images, so its activations describe what matters here (lesion colour,
+border, network pattern, hair, vignette) rather than ImageNet classes, and it loads from disk
+with no download. Its numbers are not comparable to anything computed with Inception.
+
+* ``layout`` features: encoder activations averaged over a 4x4 grid of the image (64 x 16 =
+  1,024 values for D = 64): where things are and what they look like, for finding near-copies;
+* ``stats`` features: per-channel mean and standard deviation over the whole image (2 x D): a
+  compact summary whose covariance can be estimated from a few hundred images, for Frechet
+  distance and KID;
+* pixel features: the image itself downscaled to 32x32 (antialiased), for the pixel-space check.
+
+Feature sets of image folders are cached on disk (``.npz`` with a JSON key of the weights and
+the files' sizes and modification times; no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .codes import state_sha256
+from .data import eval_transform, load_image
+from .vqvae import VQVAE
+
+PIXEL_SIZE = 32
+CACHE_ENV = "LESIONSTUDIO_CACHE"
+
+
+class EncoderFeatures(nn.Module):
+    """Pooled activations of a VQ-VAE's encoder (before quantisation) for images in [0, 1]."""
+
+    def __init__(self, vqvae: VQVAE, pooling: str = "layout", grid: int = 4) -> None:
+        super().__init__()
+        if pooling not in ("layout", "stats"):
+            raise ValueError(f"pooling must be 'layout' or 'stats', got {pooling!r}")
+        self.encoder = vqvae.encoder
+        self.pooling = pooling
+        self.grid = grid
+        d = vqvae.code_dim
+        self.num_features = d * grid * grid if pooling == "layout" else 2 * d
+        self.weights_key = state_sha256(vqvae.encoder)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.encoder(images.float() - 0.5)
+        if self.pooling == "layout":
+            return F.adaptive_avg_pool2d(z, self.grid).flatten(1)
+        return torch.cat([z.mean(dim=(2, 3)), z.std(dim=(2, 3))], dim=1)
+
+
+def pixel_features(images: torch.Tensor, size: int = PIXEL_SIZE) -> torch.Tensor:
+    """Images [B, 3, H, W] downscaled to size x size (antialiased) and flattened."""
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True).flatten(1)
+
+
+def dihedral(images: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips and right-angle rotations of a batch (a copy may come back turned or mirrored)."""
+    out = []
+    for flip in (False, True):
+        x = images.flip(-1) if flip else images
+        out += [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+    return out
+
+
+@dataclass
+class FeatureSet:
+    files: list[Path]  # the readable images, in order
+    features: torch.Tensor  # [N, F] (or [N, 8, F] with all flips and rotations)
+    pixels: torch.Tensor  # [N, P] (or [N, 8, P])
+
+
+Extractor = Callable[[torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def compute(
+    files: Sequence[Path],
+    extractor: Extractor,
+    all_orientations: bool = False,
+    batch_size: int = 16,
+    image_size: int = 256,
+    desc: str = "features",
+) -> FeatureSet:
+    """Features and pixel features of image files (evaluation transform); unreadable files are
+    skipped (with a warning line). With all_orientations, each of the 8 flips/rotations."""
+    transform = eval_transform(image_size)
+    kept: list[Path] = []
+    feats, pixels = [], []
+    for start in tqdm(range(0, len(files), batch_size), desc=desc, unit="batch", mininterval=2, disable=None):
+        batch, names = [], []
+        for path in files[start : start + batch_size]:
+            try:
+                batch.append(transform(load_image(path)))
+                names.append(Path(path))
+            except (OSError, ValueError) as exc:
+                tqdm.write(f"skipped {path}: {exc}")
+        if not batch:
+            continue
+        x = torch.stack(batch)
+        views = dihedral(x) if all_orientations else [x]
+        f = torch.stack([extractor(v).cpu() for v in views], dim=1)  # [B, V, F]
+        p = torch.stack([pixel_features(v).cpu() for v in views], dim=1)
+        feats.append(f if all_orientations else f[:, 0])
+        pixels.append(p if all_orientations else p[:, 0])
+        kept += names
+    if not kept:
+        raise ValueError("none of the images could be read")
+    return FeatureSet(kept, torch.cat(feats), torch.cat(pixels))
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lesionstudio")
+    return Path(root).expanduser()
+
+
+def _files_key(files: Sequence[Path]) -> list[list]:
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cached(
+    files: Sequence[Path],
+    extractor: EncoderFeatures,
+    cache: Path | None = None,
+    desc: str = "features",
+    batch_size: int = 16,
+) -> FeatureSet:
+    """compute() for a folder's images, reusing a cache made by the same weights from the same
+    files (same sizes and modification times); anything else is recomputed and the cache rewritten."""
+    key = {"weights": extractor.weights_key, "pooling": extractor.pooling, "grid": extractor.grid,
+           "pixel_size": PIXEL_SIZE, "files": _files_key(files)}  # fmt: skip
+    blob = json.dumps(key, sort_keys=True).encode()
+    cache = cache or cache_dir() / f"features-{hashlib.sha256(blob).hexdigest()[:20]}.npz"
+    key_path = cache.with_suffix(".key.json")
+    if cache.exists() and key_path.exists():
+        try:
+            if json.loads(key_path.read_text()) == json.loads(blob):
+                with np.load(cache, allow_pickle=False) as z:
+                    return FeatureSet([Path(f) for f in z["files"]], torch.from_numpy(z["features"]),
+                                      torch.from_numpy(z["pixels"]))  # fmt: skip
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache: recompute
+    fs = compute(files, extractor, batch_size=batch_size, desc=desc)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, files=np.array([str(p) for p in fs.files]), features=fs.features.numpy(),
+                     pixels=fs.pixels.numpy())  # fmt: skip
+        os.replace(tmp, cache)
+        key_path.write_text(blob.decode())
+    except OSError as exc:  # a read-only cache only costs time
+        tqdm.write(f"could not write the feature cache {cache}: {exc}")
+    return fs

@@ -1,0 +1,170 @@
+"""How far is a set of generated lesions from real ones? Distribution distances, offline.
+
+    python -m lesionstudio.quality --real HELD_OUT_DIR --generated synth/ [--json]
+        [--inception-weights pt_inception-2015-12-05-6726825d.pth]
+
+Always reported (no download needed): **FD-VQ** and **KID-VQ**, the Frechet distance and kernel
+inception distance computed on LesionStudio VQ-VAE encoder statistics (per-channel mean and
+standard deviation of the shipped 32x32 encoder's activations, 128 numbers per image). They rank
+sample sets of this domain against each other, and ``fd_vq_real_split`` gives their floor: the
+same distance between two halves of the real images. They are **not comparable to Inception
+FID** or to any published number.
+
+With ``--inception-weights PATH`` (the standard FID Inception weights file, which this tool never
+downloads), also the standard **Inception FID** and KID on 2048-d pool features (torchmetrics,
+torch-fidelity's port of the TensorFlow FID network). The file is read as tensors only
+(safetensors, or a PyTorch state dict loaded with ``weights_only=True``).
+
+Frechet distances are biased upwards for small sets: compare sets of equal size (the real
+images are split into two halves for the floor, so use at least twice as many real images as
+generated ones where you can).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from .data import eval_transform, find_images, load_image
+from .features import EncoderFeatures, compute
+from .hubmodel import CheckpointError
+from .memorization import feature_model
+
+
+class _Given(nn.Module):
+    """Feature 'extractor' for features computed beforehand: torchmetrics then only does the maths."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def frechet_kid(real: torch.Tensor, fake: torch.Tensor, kid_subset: int = 100) -> tuple[float, float, float]:
+    """(Frechet distance, KID mean, KID std) between two feature sets [N, F]."""
+    dims = real.shape[1]
+    fid = FrechetInceptionDistance(feature=_Given(dims))
+    subset = max(2, min(kid_subset, len(real), len(fake)))
+    with warnings.catch_warnings():  # "KID keeps all features in memory": these are small
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=_Given(dims), subset_size=subset)
+    for metric in (fid, kid):
+        metric.update(real.double(), real=True)
+        metric.update(fake.double(), real=False)
+    kid_mean, kid_std = kid.compute()
+    return float(fid.compute()), float(kid_mean), float(kid_std)
+
+
+def load_inception_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The Inception weights as tensors, without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--inception-weights {path} is not a file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(f"{path} is not a tensor-only weights file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def inception_fid(
+    real_files: list[Path], fake_files: list[Path], weights: str | Path, batch_size: int = 16
+) -> tuple[float, float, float]:
+    """Standard Inception FID and KID (2048-d pool features) of two image lists, from a local
+    weights file."""
+    state = load_inception_state(weights)
+    with tempfile.TemporaryDirectory() as tmp:
+        # torch-fidelity reads the path itself (with full unpickling): hand it our own re-save of
+        # tensors that were already loaded safely, never the user's file.
+        clean = Path(tmp) / "inception.pth"
+        torch.save(state, clean)
+        try:
+            net = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(clean))
+        except RuntimeError as exc:
+            raise ValueError(f"{weights} does not fit the FID Inception network: {exc}") from exc
+    transform = eval_transform(256)
+    feats = []
+    with torch.no_grad():
+        for files in (real_files, fake_files):
+            out = []
+            for s in range(0, len(files), batch_size):
+                x = torch.stack([transform(load_image(f)) for f in files[s : s + batch_size]])
+                out.append(net((x * 255).round().to(torch.uint8)).reshape(len(x), -1))  # resized to 299 inside
+            feats.append(torch.cat(out))
+    return frechet_kid(feats[0], feats[1])
+
+
+def report(
+    real_files: list[Path],
+    fake_files: list[Path],
+    extractor: EncoderFeatures,
+    inception_weights: str | Path | None = None,
+    seed: int = 0,
+) -> dict:
+    real = compute(real_files, extractor, desc="real images").features
+    fake = compute(fake_files, extractor, desc="generated images").features
+    perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
+    half_a, half_b = real[perm[: len(real) // 2]], real[perm[len(real) // 2 :]]
+    out: dict = {"real_images": len(real), "generated_images": len(fake), "feature_dims": real.shape[1]}
+    out["fd_vq"], out["kid_vq"], out["kid_vq_std"] = frechet_kid(real, fake)
+    # The floor: the same distances between two halves of the real images (set size matters).
+    out["fd_vq_real_split"], out["kid_vq_real_split"], _ = frechet_kid(half_a, half_b)
+    out["fd_vq_real_half_vs_generated"], _, _ = frechet_kid(half_a, fake[: len(half_a)])
+    out["inception_fid"] = out["inception_kid"] = None
+    if inception_weights:
+        out["inception_fid"], out["inception_kid"], _ = inception_fid(real_files, fake_files, inception_weights)
+    return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lesionstudio.quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--real", type=Path, required=True, help="held-out real images (not the training set)")
+    p.add_argument("--generated", type=Path, required=True, help="generated images")
+    p.add_argument("--limit", type=int, default=None, help="use at most N images of each folder")
+    p.add_argument("--feature-model", default=None, help="VQ-VAE folder (default: the shipped vqvae-32)")
+    p.add_argument("--checkpoints", default=None, help="checkpoints folder or Hub repo for the default model")
+    p.add_argument("--inception-weights", default=None, help="local FID Inception weights: adds Inception FID")
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = p.parse_args(argv)
+    try:
+        real_files = find_images(args.real)[: args.limit]
+        fake_files = find_images(args.generated)[: args.limit]
+        if len(real_files) < 4 or len(fake_files) < 2:
+            raise ValueError("need at least 4 real and 2 generated images")
+        extractor = EncoderFeatures(feature_model(args.feature_model, args.checkpoints), pooling="stats")
+        out = report(real_files, fake_files, extractor, args.inception_weights)
+    except (FileNotFoundError, ValueError, CheckpointError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    print(f"{out['real_images']} real vs {out['generated_images']} generated images")
+    print(f"FD-VQ  (VQ-VAE encoder statistics, not Inception FID): {out['fd_vq']:.4f}")
+    print(f"  floor, real half vs real half:                      {out['fd_vq_real_split']:.4f}")
+    print(f"  real half vs as many generated:                     {out['fd_vq_real_half_vs_generated']:.4f}")
+    print(f"KID-VQ: {out['kid_vq']:.5f} +- {out['kid_vq_std']:.5f} (real halves: {out['kid_vq_real_split']:.5f})")
+    if out["inception_fid"] is not None:
+        print(f"Inception FID: {out['inception_fid']:.3f}   Inception KID: {out['inception_kid']:.5f}")
+    else:
+        print("Inception FID: not computed (pass --inception-weights PATH to a local FID Inception weights file)")
+    if args.json:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

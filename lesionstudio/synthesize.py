@@ -1,0 +1,213 @@
+"""Write a labelled synthetic lesion data set with a record of how each image was made.
+
+    python -m lesionstudio.synthesize --n 200 --out synth/ [--latent 64] [--class malignant]
+        [--temperature 1.0] [--seed 0] [--batch-size 8] [--checkpoints DIR | --hub REPO]
+
+Writes ``synthetic_000000.png`` ... , ``metadata.csv`` (one row per image: class, latent size,
+temperature, seeds, the models and the SHA-256 of their ``model.safetensors``, bits per code of
+the sampled codes under the prior) and a ``README.md`` saying the images are synthetic.
+
+Image i is drawn with its own seed, derived from ``--seed`` and i, so it does not depend on
+which batch it fell in: re-running the same command skips the images that exist (an
+interrupted run resumes), ``--n`` can be raised later to extend a set, and the same ``--seed``
+gives the same images. A folder made with other settings or other models is refused rather
+than mixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import hashlib
+import io
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .codes import file_sha256
+from .data import to_pil
+from .files import atomic_write
+from .hub import LATENTS, ModelPair, load_pair
+from .hubmodel import WEIGHTS_NAME, CheckpointError
+from .sampling import make_generator, resolve_labels, sample
+
+COLUMNS = ["file", "class", "latent", "temperature", "seed", "index", "image_seed", "bits_per_code",
+           "vqvae", "vqvae_sha256", "prior", "prior_sha256"]  # fmt: skip
+# Columns that must agree between the rows already in a folder and a new run.
+SETTINGS = ["latent", "temperature", "seed", "requested_class", "vqvae_sha256", "prior_sha256"]
+METADATA = "metadata.csv"
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The sampling seed of image `index` of a run seeded `seed` (63 bits; runs with different
+    seeds never share an image seed, unlike seed + index would)."""
+    digest = hashlib.sha256(f"lesionstudio-synthesize:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def file_name(index: int) -> str:
+    return f"synthetic_{index:06d}.png"
+
+
+def read_metadata(path: Path) -> dict[str, dict[str, str]]:
+    """Rows of an existing metadata.csv by file name (empty when there is none)."""
+    if not path.exists():
+        return {}
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path} exists but cannot be read ({exc}); use another --out") from exc
+    if rows and not set(COLUMNS) <= set(rows[0]):
+        raise ValueError(f"{path} is not a LesionStudio metadata file; use another --out")
+    return {r["file"]: r for r in rows}
+
+
+def _write_metadata(path: Path, rows: dict[str, dict[str, str]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS + ["requested_class"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(sorted(rows.values(), key=lambda r: int(r["index"])))
+    atomic_write(path, buf.getvalue().encode())
+
+
+def _readme(settings: dict[str, str], pair: ModelPair, count: int, command: str) -> str:
+    return f"""# Synthetic dermoscopic lesion images (LesionStudio)
+
+**Every image in this folder is synthetic**: sampled from a Gated PixelCNN prior over VQ-VAE
+codes and decoded by the VQ-VAE. None is a photograph of a patient. They are not for diagnosis
+or any clinical purpose; models trained on them must be validated on real images.
+
+- images: {count} (`synthetic_*.png`, 256x256); one row each in `metadata.csv`
+- latent grid: {settings['latent']}x{settings['latent']}; temperature {settings['temperature']};
+  run seed {settings['seed']}; class requested: {settings['requested_class']}
+- VQ-VAE: `{pair.vqvae_dir}` (model.safetensors SHA-256 `{settings['vqvae_sha256']}`)
+- prior: `{pair.prior_dir}` (model.safetensors SHA-256 `{settings['prior_sha256']}`)
+- made with: `{command}`
+- last written: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}
+
+The models were trained on ISIC archive images (research and non-commercial use; see their
+model cards). Check the set for copies of training images before sharing it:
+`python -m lesionstudio.memorization --generated THIS_FOLDER --train TRAINING_IMAGES`.
+"""
+
+
+@torch.no_grad()
+def synthesize(
+    out: str | Path,
+    n: int,
+    pair: ModelPair,
+    class_name: str = "any",
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    command: str = "",
+    show_progress: bool = True,
+) -> list[dict[str, str]]:
+    """Make images 0..n-1 in `out` that are not there yet; returns all n metadata rows."""
+    prior, vq = pair.prior, pair.vqvae
+    if prior is None:
+        raise CheckpointError(f"no prior for the {pair.latent}x{pair.latent} grid in {pair.source}")
+    if n < 1 or batch_size < 1:
+        raise ValueError("--n and --batch-size must be at least 1")
+    if not temperature > 0:
+        raise ValueError(f"--temperature must be positive, got {temperature}")
+    fixed_label = None
+    if class_name not in ("", "any", None):
+        if not prior.num_classes:
+            raise ValueError(f"this prior is unconditional: --class {class_name} cannot be honoured; use --class any")
+        if class_name not in prior.class_names:
+            raise ValueError(f"unknown class {class_name!r}; this prior knows {', '.join(prior.class_names)} (or any)")
+        fixed_label = prior.class_names.index(class_name)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "latent": str(pair.latent),
+        "temperature": repr(float(temperature)),
+        "seed": str(seed),
+        "requested_class": class_name or "any",
+        "vqvae": str(pair.vqvae_dir),
+        "vqvae_sha256": file_sha256(Path(pair.vqvae_dir) / WEIGHTS_NAME),
+        "prior": str(pair.prior_dir),
+        "prior_sha256": file_sha256(Path(pair.prior_dir) / WEIGHTS_NAME),
+    }
+    rows = read_metadata(out / METADATA)
+    for row in rows.values():
+        for key in SETTINGS:
+            if row.get(key) != settings[key]:
+                raise ValueError(f"{out} holds images made with {key}={row.get(key)!r}, not {settings[key]!r}; "
+                                 "use another --out (or the same settings to resume)")  # fmt: skip
+    todo = [i for i in range(n) if file_name(i) not in rows or not (out / file_name(i)).exists()]
+    device = prior.embedding.weight.device
+    bar = tqdm(total=n, initial=n - len(todo), desc="synthesizing", unit="img", disable=not show_progress)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        seeds = [image_seed(seed, i) for i in batch]
+        if fixed_label is None and prior.num_classes:
+            # The class of a "any" image is drawn from the training frequencies, by its own seed.
+            labels = resolve_labels(prior, len(batch), None, [make_generator(s + 1) for s in seeds])
+        elif prior.num_classes:
+            labels = torch.full((len(batch),), fixed_label, dtype=torch.long)
+        else:
+            labels = None
+        lab = None if labels is None else labels.to(device)
+        codes = sample(prior, len(batch), temperature=temperature, seed=seeds, labels=lab)
+        bits = prior.nll_bits(codes, lab).cpu()
+        images = vq.decode_codes(codes).cpu()
+        for j, i in enumerate(batch):
+            png = io.BytesIO()
+            to_pil(images[j]).save(png, format="PNG")
+            atomic_write(out / file_name(i), png.getvalue())
+            rows[file_name(i)] = {
+                **settings,
+                "file": file_name(i),
+                "class": prior.class_names[int(labels[j])] if labels is not None else "",
+                "index": str(i),
+                "image_seed": str(seeds[j]),
+                "bits_per_code": f"{float(bits[j]):.4f}",
+            }
+        _write_metadata(out / METADATA, rows)  # after the PNGs: a row always has its image
+        bar.update(len(batch))
+    bar.close()
+    atomic_write(out / "README.md", _readme(settings, pair, len(rows), command).encode())
+    return [rows[file_name(i)] for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lesionstudio.synthesize", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--out", type=Path, required=True, help="output folder (re-run to resume)")
+    p.add_argument("--latent", type=int, choices=LATENTS, default=64, help="code grid side")
+    p.add_argument("--class", dest="class_name", default="any", help="benign, malignant or any (training mix)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="grids sampled together")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoints", default=None, help="checkpoints folder (default: $LESIONSTUDIO_CHECKPOINTS "
+                     "or the bundled checkpoints/)")  # fmt: skip
+    src.add_argument("--hub", default=None, help="Hugging Face Hub repo id holding vqvae-N/ and pixelcnn-N/")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    command = "python -m lesionstudio.synthesize " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        pair = load_pair(args.latent, args.hub or args.checkpoints, device=args.device)
+        rows = synthesize(args.out, args.n, pair, args.class_name, args.temperature, args.seed, args.batch_size,
+                          command=command)  # fmt: skip
+    except (CheckpointError, ValueError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    classes: dict[str, int] = {}
+    for r in rows:
+        classes[r["class"] or "unconditional"] = classes.get(r["class"] or "unconditional", 0) + 1
+    mean_bits = sum(float(r["bits_per_code"]) for r in rows) / len(rows)
+    print(f"{len(rows)} images in {args.out} ({', '.join(f'{k}: {v}' for k, v in sorted(classes.items()))}); "
+          f"mean {mean_bits:.3f} bits/code under the prior")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
