@@ -113,7 +113,7 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-def launch_app(tmp_path_factory, source: Path | None = None):
+def launch_app(tmp_path_factory, source: Path | None = None, extra_args: tuple[str, ...] = ()):
     """Start `python app.py` on a free loopback port, on `source` or tiny checkpoints; yield its URL."""
     import subprocess
     import time
@@ -127,7 +127,8 @@ def launch_app(tmp_path_factory, source: Path | None = None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     log = open(tmp_path_factory.mktemp("log") / "app.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "app.py", "--checkpoints", str(root), "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "app.py", "--checkpoints", str(root), "--host", "127.0.0.1", "--port", str(port),
+         *extra_args],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"

@@ -64,6 +64,25 @@ def test_generate_endpoint_is_reproducible(client: Client):
     assert len(single) == 1 and str(png).endswith(".png")
 
 
+def test_generate_shows_nearest_training_images_with_a_data_folder(tmp_path_factory, monkeypatch):
+    from conftest import write_images
+
+    data = tmp_path_factory.mktemp("data")
+    write_images(data, 6)
+    monkeypatch.setenv("LESIONSTUDIO_CACHE", str(tmp_path_factory.mktemp("cache")))  # inherited by the app
+    launcher = launch_app(tmp_path_factory, extra_args=("--data", str(data)))
+    url = next(launcher)
+    try:
+        _, _, nearest = Client(url, verbose=False).predict("32", 1.0, 2, 3, "any", api_name="/generate")
+        assert len(nearest) == 2
+        for item in nearest:
+            assert load(item).shape == (256, 256, 3)
+            assert item["caption"].startswith(("sample 1: lesion_", "sample 2: lesion_"))
+            assert "distance ratio" in item["caption"]
+    finally:
+        next(launcher, None)  # stop the app
+
+
 def test_inpaint_endpoint_changes_only_the_painted_region(client: Client, upload: str, tmp_path: Path):
     mask = np.zeros((280, 280, 4), dtype=np.uint8)
     mask[110:170, 110:170] = (255, 0, 255, 255)
