@@ -29,11 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 from .codes import state_sha256
-from .data import eval_transform, load_image
+from .data import load_image
 from .vqvae import VQVAE
 
 PIXEL_SIZE = 32
@@ -60,6 +62,24 @@ class EncoderFeatures(nn.Module):
         if self.pooling == "layout":
             return F.adaptive_avg_pool2d(z, self.grid).flatten(1)
         return torch.cat([z.mean(dim=(2, 3)), z.std(dim=(2, 3))], dim=1)
+
+
+def robust_scale(x: torch.Tensor, q: float = 0.005) -> torch.Tensor:
+    """Per-image scaling of [3, H, W] to [0, 1] by its q and 1-q quantiles (all channels together).
+
+    The models' min-max scaling lets one extreme pixel shift the whole image: a JPEG re-save
+    moved a copy's features by half the typical distance between different lesions. Quantiles
+    ignore such pixels, so a re-encoded copy stays a copy.
+    """
+    flat = x.float().flatten()
+    lo, hi = torch.quantile(flat, torch.tensor([q, 1 - q]))
+    return ((x.float() - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
+
+
+def feature_transform(size: int = 256) -> Callable[[Image.Image], torch.Tensor]:
+    """Image -> [3, size, size] in [0, 1] for the feature network (robust per-image scaling)."""
+    resize = v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)])
+    return lambda img: robust_scale(resize(img))
 
 
 def pixel_features(images: torch.Tensor, size: int = PIXEL_SIZE) -> torch.Tensor:
@@ -97,10 +117,10 @@ def compute(
 ) -> FeatureSet:
     """Features and pixel features of image files (evaluation transform); unreadable files are
     skipped (with a warning line). With all_orientations, each of the 8 flips/rotations."""
-    transform = eval_transform(image_size)
+    transform = feature_transform(image_size)
     kept: list[Path] = []
     feats, pixels = [], []
-    for start in tqdm(range(0, len(files), batch_size), desc=desc, unit="batch", mininterval=2, disable=None):
+    for start in tqdm(range(0, len(files), batch_size), desc=desc, unit="batch", mininterval=2):
         batch, names = [], []
         for path in files[start : start + batch_size]:
             try:
@@ -145,7 +165,7 @@ def cached(
     """compute() for a folder's images, reusing a cache made by the same weights from the same
     files (same sizes and modification times); anything else is recomputed and the cache rewritten."""
     key = {"weights": extractor.weights_key, "pooling": extractor.pooling, "grid": extractor.grid,
-           "pixel_size": PIXEL_SIZE, "files": _files_key(files)}  # fmt: skip
+           "pixel_size": PIXEL_SIZE, "scaling": "quantile-0.005", "files": _files_key(files)}  # fmt: skip
     blob = json.dumps(key, sort_keys=True).encode()
     cache = cache or cache_dir() / f"features-{hashlib.sha256(blob).hexdigest()[:20]}.npz"
     key_path = cache.with_suffix(".key.json")

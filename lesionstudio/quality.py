@@ -15,9 +15,9 @@ downloads), also the standard **Inception FID** and KID on 2048-d pool features 
 torch-fidelity's port of the TensorFlow FID network). The file is read as tensors only
 (safetensors, or a PyTorch state dict loaded with ``weights_only=True``).
 
-Frechet distances are biased upwards for small sets: compare sets of equal size (the real
-images are split into two halves for the floor, so use at least twice as many real images as
-generated ones where you can).
+Frechet distances are biased upwards for small sets, so the floor and the comparison use sets
+of equal size n = min(real / 2, generated): give at least twice as many real images as
+generated ones where you can.
 """
 
 from __future__ import annotations
@@ -122,12 +122,14 @@ def report(
     real = compute(real_files, extractor, desc="real images").features
     fake = compute(fake_files, extractor, desc="generated images").features
     perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
-    half_a, half_b = real[perm[: len(real) // 2]], real[perm[len(real) // 2 :]]
-    out: dict = {"real_images": len(real), "generated_images": len(fake), "feature_dims": real.shape[1]}
+    n = min(len(real) // 2, len(fake))  # equal set sizes: the Frechet distance's bias depends on them
+    half_a, half_b = real[perm[:n]], real[perm[n : 2 * n]]
+    out: dict = {"real_images": len(real), "generated_images": len(fake), "feature_dims": real.shape[1],
+                 "compared_set_size": n}  # fmt: skip
     out["fd_vq"], out["kid_vq"], out["kid_vq_std"] = frechet_kid(real, fake)
-    # The floor: the same distances between two halves of the real images (set size matters).
+    # The floor: the same distances between two disjoint sets of n real images, and n real vs n generated.
     out["fd_vq_real_split"], out["kid_vq_real_split"], _ = frechet_kid(half_a, half_b)
-    out["fd_vq_real_half_vs_generated"], _, _ = frechet_kid(half_a, fake[: len(half_a)])
+    out["fd_vq_real_half_vs_generated"], _, _ = frechet_kid(half_a, fake[:n])
     out["inception_fid"] = out["inception_kid"] = None
     if inception_weights:
         out["inception_fid"], out["inception_kid"], _ = inception_fid(real_files, fake_files, inception_weights)
@@ -154,9 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError, CheckpointError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     print(f"{out['real_images']} real vs {out['generated_images']} generated images")
+    n = out["compared_set_size"]
     print(f"FD-VQ  (VQ-VAE encoder statistics, not Inception FID): {out['fd_vq']:.4f}")
-    print(f"  floor, real half vs real half:                      {out['fd_vq_real_split']:.4f}")
-    print(f"  real half vs as many generated:                     {out['fd_vq_real_half_vs_generated']:.4f}")
+    print(f"  {n} real vs {n} other real images (the floor):  {out['fd_vq_real_split']:.4f}")
+    print(f"  the same {n} real vs {n} generated images:      {out['fd_vq_real_half_vs_generated']:.4f}")
     print(f"KID-VQ: {out['kid_vq']:.5f} +- {out['kid_vq_std']:.5f} (real halves: {out['kid_vq_real_split']:.5f})")
     if out["inception_fid"] is not None:
         print(f"Inception FID: {out['inception_fid']:.3f}   Inception KID: {out['inception_kid']:.5f}")

@@ -23,7 +23,7 @@ from PIL import Image
 
 from . import metrics
 from .data import ImageLoadError, eval_transform, find_images, load_image, to_pil
-from .features import EncoderFeatures, cached, compute, dihedral
+from .features import EncoderFeatures, cached, compute, dihedral, feature_transform
 from .hub import LATENTS, ModelPair, available_latents, default_source, load_pair
 from .memorization import DEFAULT_THRESHOLD, nearest
 from .plots import codebook_usage_figure
@@ -277,7 +277,7 @@ class Studio:
         if not self.data_files or not images:
             return []
         index = self._neighbour_index()
-        x = torch.stack([eval_transform(256)(img) for img in images])
+        x = torch.stack([feature_transform(256)(img) for img in images])
         queries = torch.stack([index.extractor(v) for v in dihedral(x)], dim=1)
         found = nearest(queries, index.features)
         out = []
