@@ -144,3 +144,16 @@ def test_metrics():
     assert metrics.entropy_bits(counts) == pytest.approx(1.0)
     assert metrics.dead_codes(counts) == 2 and metrics.codes_used(counts) == 2
     assert metrics.usage_histogram(torch.tensor([[0, 1], [1, 3]]), 4).tolist() == [1, 2, 0, 1]
+
+
+def test_shipped_128_config_is_what_the_gpu_recipe_trains():
+    """configs/vqvae-128.json (no CPU-trained weights ship for 128x128) matches the README recipe."""
+    from conftest import ROOT
+
+    from train.vqvae import build_model, parse_args
+
+    args = parse_args(["--data", "x", "--out", "y", "--latent", "128", "--batch-size", "64", "--crop", "256"])
+    model = build_model(args)
+    shipped = json.loads((ROOT / "configs" / "vqvae-128.json").read_text())
+    assert VQVAE(**shipped).latent_size == 128
+    assert model.config == shipped
