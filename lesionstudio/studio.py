@@ -134,6 +134,7 @@ class Studio:
         self._atlases: dict[tuple[int, int], Image.Image] = {}
         self._pairs: dict[int, ModelPair] = {}
         self._neighbours: NeighbourIndex | None = None
+        self._index_lock = threading.Lock()  # building the index takes a while: not under self._lock
         self._lock = threading.Lock()
         # A latent size with a VQ-VAE but no prior still serves Reconstruct and Codebook.
         self.latents = available_latents(self.source, require_prior=False)
@@ -260,7 +261,7 @@ class Studio:
         typical distance of one of them to its nearest other one (leave-one-out)."""
         latent = min(self.latents)  # the cheapest encoder; see lesionstudio.features
         extractor = EncoderFeatures(self.pair(latent).vqvae)
-        with self._lock:
+        with self._index_lock:
             if self._neighbours is None:
                 train = cached(self.data_files, extractor, desc="data-folder features")
                 k = min(REFERENCE_IMAGES, len(train.files))
@@ -285,7 +286,8 @@ class Studio:
             ratio = d / index.typical if index.typical > 0 else float("nan")
             note = " (possible copy)" if ratio < DEFAULT_THRESHOLD else ""
             thumb = to_pil(eval_transform(256)(load_image(index.files[j])))
-            out.append((thumb, f"sample {i + 1}: {index.files[j].name}, distance ratio {ratio:.2f}{note}"))
+            # Ratio first: the gallery cuts long captions short.
+            out.append((thumb, f"sample {i + 1}: distance ratio {ratio:.2f}{note}, {index.files[j].name}"))
         return out
 
     def class_choices(self, latent: int | str) -> list[str]:

@@ -77,8 +77,8 @@ def test_generate_shows_nearest_training_images_with_a_data_folder(tmp_path_fact
         assert len(nearest) == 2
         for item in nearest:
             assert load(item).shape == (256, 256, 3)
-            assert item["caption"].startswith(("sample 1: lesion_", "sample 2: lesion_"))
-            assert "distance ratio" in item["caption"]
+            assert item["caption"].startswith(("sample 1: distance ratio ", "sample 2: distance ratio "))
+            assert ", lesion_" in item["caption"]
     finally:
         next(launcher, None)  # stop the app
 

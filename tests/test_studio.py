@@ -72,10 +72,10 @@ def test_nearest_training_image_of_samples(tmp_path: Path, monkeypatch):
     samples = studio.generate(32, n=2, seed=1)
     found = studio.nearest_training(samples)
     assert len(found) == 2 and all(img.size == (256, 256) for img, _ in found)
-    assert found[0][1].startswith("sample 1: lesion_") and "distance ratio" in found[0][1]
+    assert found[0][1].startswith("sample 1: distance ratio ") and ", lesion_" in found[0][1]
     copy = Image.open(files[5]).transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # a mirrored training image
     (_, caption), = studio.nearest_training([copy])
-    assert caption.startswith(f"sample 1: {files[5].name}, distance ratio 0.0") and "possible copy" in caption
+    assert caption == f"sample 1: distance ratio 0.00 (possible copy), {files[5].name}"
     assert Studio(tmp_path / "ck").nearest_training(samples) == []  # no data folder: nothing to show
 
 
