@@ -7,7 +7,7 @@ Always reported (no download needed): **FD-VQ** and **KID-VQ**, the Frechet dist
 inception distance computed on LesionStudio VQ-VAE encoder statistics (per-channel mean and
 standard deviation of the shipped 32x32 encoder's activations, 128 numbers per image). They rank
 sample sets of this domain against each other, and ``fd_vq_real_split`` gives their floor: the
-same distance between two halves of the real images. They are **not comparable to Inception
+same distance between two disjoint sets of real images. They are **not comparable to Inception
 FID** or to any published number.
 
 With ``--inception-weights PATH`` (the standard FID Inception weights file, which this tool never
