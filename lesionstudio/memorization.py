@@ -212,16 +212,34 @@ def write_report(report: Report, out: Path, top: int = 16) -> None:
     atomic_write(out / "closest_pairs.html", contact_html(report.rows, report.summary).encode())
 
 
-def feature_model(path: str | None, source: str | None) -> VQVAE:
-    """The VQ-VAE whose encoder gives the features: a folder, else the 32x32 (or any) shipped one."""
+def generating_latent(generated_dir: Path) -> int | None:
+    """The latent size recorded in a synthesize folder's metadata.csv, if there is one."""
+    try:
+        with open(generated_dir / "metadata.csv", newline="") as f:
+            row = next(csv.DictReader(f), None)
+        return int(row["latent"]) if row else None
+    except (OSError, KeyError, ValueError, TypeError, csv.Error):
+        return None
+
+
+def feature_model(path: str | None, source: str | None, generated_dir: Path | None = None) -> VQVAE:
+    """The VQ-VAE whose encoder gives the features: a folder, else a shipped one, preferring 32x32
+    and, when the samples' metadata.csv names their latent size, one that did not make them."""
     if path:
+        print(f"features: encoder of {path}")
         return VQVAE.from_pretrained(path).eval()
+    made_by = generating_latent(generated_dir) if generated_dir else None
+    order = sorted((32, 64, 128), key=lambda n: (n == made_by, n))
     last: Exception | None = None
-    for latent in (32, 64, 128):
+    for latent in order:
         try:
-            return load_pair(latent, source, require_prior=False).vqvae
+            pair = load_pair(latent, source, require_prior=False)
         except (CheckpointError, OSError, ValueError) as exc:  # try the next latent size
             last = exc
+            continue
+        own = " (the model that made the samples)" if latent == made_by else ""
+        print(f"features: encoder of {pair.vqvae_dir}{own}")
+        return pair.vqvae
     raise SystemExit(f"no VQ-VAE found for the features (pass --feature-model DIR): {last}")
 
 
@@ -255,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="flag a generated image whose feature or pixel ratio is below this")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="report folder (default: GENERATED/memorization)")
-    p.add_argument("--feature-model", default=None, help="VQ-VAE folder for features (default: shipped vqvae-32)")
+    p.add_argument("--feature-model", default=None,
+                   help="VQ-VAE folder for features (default: shipped vqvae-32, or vqvae-64 for 32x32 samples)")
     p.add_argument("--checkpoints", default=None, help="checkpoints folder or Hub repo for the default model")
     p.add_argument("--top", type=int, default=16, help="pairs in the contact sheet")
     p.add_argument("--cache", type=Path, default=None, help="feature cache file for the training images")
@@ -277,7 +296,7 @@ def run(args: argparse.Namespace) -> Report:
     train_files, held_files = split_train_heldout(
         args.train, args.heldout, args.holdout_fraction, args.seed, args.heldout_limit
     )
-    extractor = EncoderFeatures(feature_model(args.feature_model, args.checkpoints))
+    extractor = EncoderFeatures(feature_model(args.feature_model, args.checkpoints, args.generated))
     train = cached(train_files, extractor, args.cache, desc="training images")
     held = compute(held_files, extractor, all_orientations=True, desc="held-out images")
     gen = compute(gen_files, extractor, all_orientations=True, desc="generated images")

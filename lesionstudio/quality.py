@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--real", type=Path, required=True, help="held-out real images (not the training set)")
     p.add_argument("--generated", type=Path, required=True, help="generated images")
     p.add_argument("--limit", type=int, default=None, help="use at most N images of each folder")
-    p.add_argument("--feature-model", default=None, help="VQ-VAE folder (default: the shipped vqvae-32)")
+    p.add_argument("--feature-model", default=None,
+                   help="VQ-VAE folder (default: shipped vqvae-32, or vqvae-64 for 32x32 samples)")
     p.add_argument("--checkpoints", default=None, help="checkpoints folder or Hub repo for the default model")
     p.add_argument("--inception-weights", default=None, help="local FID Inception weights: adds Inception FID")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         fake_files = find_images(args.generated)[: args.limit]
         if len(real_files) < 4 or len(fake_files) < 2:
             raise ValueError("need at least 4 real and 2 generated images")
-        extractor = EncoderFeatures(feature_model(args.feature_model, args.checkpoints), pooling="stats")
+        extractor = EncoderFeatures(feature_model(args.feature_model, args.checkpoints, args.generated),
+                                    pooling="stats")
         out = report(real_files, fake_files, extractor, args.inception_weights)
     except (FileNotFoundError, ValueError, CheckpointError) as exc:
         raise SystemExit(f"error: {exc}") from exc

@@ -80,6 +80,23 @@ def test_default_heldout_is_the_trainers_split_and_report_is_not_a_sample(tmp_pa
     assert bad.returncode != 0 and "does not exist" in bad.stderr
 
 
+def test_default_feature_model_is_not_the_one_that_made_the_samples(tmp_path: Path):
+    for latent in (32, 64):
+        make_pair(tmp_path / "ck", latent)
+    write_images(tmp_path / "train", 12)
+    write_images(tmp_path / "gen", 2, start_seed=300)
+    args = ["-m", "lesionstudio.memorization", "--generated", str(tmp_path / "gen"), "--train",
+            str(tmp_path / "train"), "--checkpoints", str(tmp_path / "ck"), "--holdout-fraction", "0.25"]
+    env = {"LESIONSTUDIO_CACHE": str(tmp_path / "cache")}
+    r = run_module(args, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"features: encoder of {tmp_path / 'ck' / 'vqvae-32'}\n" in r.stdout
+    (tmp_path / "gen" / "metadata.csv").write_text("file,class,latent\nlesion_000.jpg,benign,32\n")
+    r = run_module(args, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"features: encoder of {tmp_path / 'ck' / 'vqvae-64'}\n" in r.stdout
+
+
 def test_nearest_takes_the_best_orientation_and_excludes():
     import torch
 
