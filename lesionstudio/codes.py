@@ -8,9 +8,8 @@ not match is rebuilt rather than silently reused.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .data import LesionImageFolder, collate_skip_bad
+from .files import atomic_write
 from .vqvae import VQVAE
 
 
@@ -90,9 +90,8 @@ def load_or_extract(
             pass  # unreadable cache: rebuild it
     codeset = extract_codes(model, dataset, device, batch_size)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, codes=codeset.codes, labels=codeset.labels, files=np.array(codeset.files))
-    os.replace(tmp, cache)
+    buf = io.BytesIO()
+    np.savez(buf, codes=codeset.codes, labels=codeset.labels, files=np.array(codeset.files))
+    atomic_write(cache, buf.getvalue())
     key_path.write_text(json.dumps(key))
     return codeset

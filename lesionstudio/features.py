@@ -18,10 +18,11 @@ the files' sizes and modification times; no pickle).
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,9 @@ from tqdm import tqdm
 
 from .codes import state_sha256
 from .data import load_image
+from .files import atomic_write
+from .hub import load_pair
+from .hubmodel import CheckpointError
 from .vqvae import VQVAE
 
 PIXEL_SIZE = 32
@@ -180,12 +184,42 @@ def cached(
     fs = compute(files, extractor, batch_size=batch_size, desc=desc)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, files=np.array([str(p) for p in fs.files]), features=fs.features.numpy(),
-                     pixels=fs.pixels.numpy())  # fmt: skip
-        os.replace(tmp, cache)
+        buf = io.BytesIO()
+        np.savez(buf, files=np.array([str(p) for p in fs.files]), features=fs.features.numpy(),
+                 pixels=fs.pixels.numpy())  # fmt: skip
+        atomic_write(cache, buf.getvalue())
         key_path.write_text(blob.decode())
     except OSError as exc:  # a read-only cache only costs time
         tqdm.write(f"could not write the feature cache {cache}: {exc}")
     return fs
+
+
+def generating_latent(generated_dir: Path) -> int | None:
+    """The latent size recorded in a synthesize folder's metadata.csv, if there is one."""
+    try:
+        with open(generated_dir / "metadata.csv", newline="") as f:
+            row = next(csv.DictReader(f), None)
+        return int(row["latent"]) if row else None
+    except (OSError, KeyError, ValueError, TypeError, csv.Error):
+        return None
+
+
+def feature_model(path: str | None, source: str | None, generated_dir: Path | None = None) -> VQVAE:
+    """The VQ-VAE whose encoder gives the features: a folder, else a shipped one, preferring 32x32
+    and, when the samples' metadata.csv names their latent size, one that did not make them."""
+    if path:
+        print(f"features: encoder of {path}")
+        return VQVAE.from_pretrained(path).eval()
+    made_by = generating_latent(generated_dir) if generated_dir else None
+    order = sorted((32, 64, 128), key=lambda n: (n == made_by, n))
+    last: Exception | None = None
+    for latent in order:
+        try:
+            pair = load_pair(latent, source, require_prior=False)
+        except (CheckpointError, OSError, ValueError) as exc:  # try the next latent size
+            last = exc
+            continue
+        own = " (the model that made the samples)" if latent == made_by else ""
+        print(f"features: encoder of {pair.vqvae_dir}{own}")
+        return pair.vqvae
+    raise SystemExit(f"no VQ-VAE found for the features (pass --feature-model DIR): {last}")

@@ -32,11 +32,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from .data import eval_transform, find_images, load_image, split_indices, to_pil
-from .features import EncoderFeatures, FeatureSet, cached, compute
+from .features import EncoderFeatures, FeatureSet, cached, compute, feature_model
 from .files import atomic_write
-from .hub import load_pair
 from .hubmodel import CheckpointError
-from .vqvae import VQVAE
 
 # On isic256, held-out real images had ratios down to 0.29 (features) and 0.37 (pixels), and
 # flipped, turned or JPEG re-saved copies of training images 0.03-0.13.
@@ -108,8 +106,8 @@ def check(
             "generated_ratio_quantiles": _quantiles(ratio),
             "generated_below_threshold": int((ratio < threshold).sum()),
         }
+    (fn, fr), (pn, pr) = per_space["feature"], per_space["pixel"]
     for i, path in enumerate(generated.files):
-        (fn, fr), (pn, pr) = per_space["feature"], per_space["pixel"]
         f_ratio, p_ratio = float(fr[i]), float(pr[i])
         rows.append({
             "generated": str(path),
@@ -210,37 +208,6 @@ def write_report(report: Report, out: Path, top: int = 16) -> None:
     contact_sheet(report.rows, top=top).save(png, format="PNG")
     atomic_write(out / "closest_pairs.png", png.getvalue())
     atomic_write(out / "closest_pairs.html", contact_html(report.rows, report.summary).encode())
-
-
-def generating_latent(generated_dir: Path) -> int | None:
-    """The latent size recorded in a synthesize folder's metadata.csv, if there is one."""
-    try:
-        with open(generated_dir / "metadata.csv", newline="") as f:
-            row = next(csv.DictReader(f), None)
-        return int(row["latent"]) if row else None
-    except (OSError, KeyError, ValueError, TypeError, csv.Error):
-        return None
-
-
-def feature_model(path: str | None, source: str | None, generated_dir: Path | None = None) -> VQVAE:
-    """The VQ-VAE whose encoder gives the features: a folder, else a shipped one, preferring 32x32
-    and, when the samples' metadata.csv names their latent size, one that did not make them."""
-    if path:
-        print(f"features: encoder of {path}")
-        return VQVAE.from_pretrained(path).eval()
-    made_by = generating_latent(generated_dir) if generated_dir else None
-    order = sorted((32, 64, 128), key=lambda n: (n == made_by, n))
-    last: Exception | None = None
-    for latent in order:
-        try:
-            pair = load_pair(latent, source, require_prior=False)
-        except (CheckpointError, OSError, ValueError) as exc:  # try the next latent size
-            last = exc
-            continue
-        own = " (the model that made the samples)" if latent == made_by else ""
-        print(f"features: encoder of {pair.vqvae_dir}{own}")
-        return pair.vqvae
-    raise SystemExit(f"no VQ-VAE found for the features (pass --feature-model DIR): {last}")
 
 
 def split_train_heldout(

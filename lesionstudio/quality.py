@@ -35,9 +35,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from .data import eval_transform, find_images, load_image
-from .features import EncoderFeatures, compute
+from .features import EncoderFeatures, compute, feature_model
 from .hubmodel import CheckpointError
-from .memorization import feature_model
 
 
 class _Given(nn.Module):

@@ -259,10 +259,10 @@ class Studio:
     def _neighbour_index(self) -> NeighbourIndex:
         """Features of the data folder's images (built on first use, cached on disk) and the
         typical distance of one of them to its nearest other one (leave-one-out)."""
-        latent = min(self.latents)  # the cheapest encoder; see lesionstudio.features
-        extractor = EncoderFeatures(self.pair(latent).vqvae)
         with self._index_lock:
             if self._neighbours is None:
+                # The cheapest encoder; see lesionstudio.features.
+                extractor = EncoderFeatures(self.pair(min(self.latents)).vqvae)
                 train = cached(self.data_files, extractor, desc="data-folder features")
                 k = min(REFERENCE_IMAGES, len(train.files))
                 probe = compute(train.files[:k], extractor, all_orientations=True, desc="reference")
