@@ -205,10 +205,21 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Mirror of the encoder: 3x3 from D, residual blocks, stride-2 transposed convolutions."""
+    """Mirror of the encoder: 3x3 from D, residual blocks, stride-2 transposed convolutions.
+
+    ``upsample_res_blocks`` residual blocks follow each upsampling stage but the last: capacity at
+    the finer resolutions, where a lone transposed convolution can only interpolate the fine detail.
+    """
 
     def __init__(
-        self, out_channels: int, hidden: int, res_hidden: int, num_res_blocks: int, n_down: int, code_dim: int
+        self,
+        out_channels: int,
+        hidden: int,
+        res_hidden: int,
+        num_res_blocks: int,
+        n_down: int,
+        code_dim: int,
+        upsample_res_blocks: int = 0,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(code_dim, hidden, 3, padding=1)]
@@ -220,6 +231,7 @@ class Decoder(nn.Module):
             layers.append(nn.ConvTranspose2d(ch, ch_out, 4, stride=2, padding=1))
             if i + 1 < len(chans):
                 layers.append(nn.ReLU())
+                layers += [ResidualBlock(ch_out, max(ch_out // 2, 8)) for _ in range(upsample_res_blocks)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -253,12 +265,14 @@ class VQVAE(
         dead_code_threshold: float = 1.0,
         init_from_data: bool = True,
         image_size: int = 256,
+        upsample_res_blocks: int = 0,
     ) -> None:
         super().__init__()
         check_int("in_channels", in_channels, minimum=1)
         check_int("hidden_channels", hidden_channels, minimum=8)
         check_int("res_channels", res_channels, minimum=1)
         check_int("num_res_blocks", num_res_blocks, minimum=0)
+        check_int("upsample_res_blocks", upsample_res_blocks, minimum=0)
         check_int("downsample", downsample, choices=(2, 4, 8, 16))
         check_int("image_size", image_size, minimum=downsample)
         if image_size % downsample:
@@ -277,7 +291,9 @@ class VQVAE(
             dead_code_threshold=dead_code_threshold,
             init_from_data=init_from_data,
         )
-        self.decoder = Decoder(in_channels, hidden_channels, res_channels, num_res_blocks, n_down, code_dim)
+        self.decoder = Decoder(
+            in_channels, hidden_channels, res_channels, num_res_blocks, n_down, code_dim, upsample_res_blocks
+        )
 
     @property
     def num_codes(self) -> int:

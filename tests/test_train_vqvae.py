@@ -104,3 +104,56 @@ def test_torchrun_two_cpu_processes(image_folder: Path, tmp_path: Path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert [r["epoch"] for r in records(out)] == [1]
     VQVAE.from_pretrained(out / "final")
+
+
+def test_warm_start_grows_the_decoder_without_changing_its_output():
+    from train.vqvae import warm_start
+
+    source = VQVAE(hidden_channels=16, res_channels=8, num_res_blocks=1, downsample=8, num_codes=32, code_dim=8,
+                   image_size=64).eval()  # fmt: skip
+    for p in source.parameters():  # non-trivial weights everywhere
+        torch.nn.init.normal_(p, std=0.2)
+    grown = VQVAE(**{**source.config, "upsample_res_blocks": 2}).eval()
+    assert len(grown.decoder.net) == len(source.decoder.net) + 4
+    warm_start(grown, source)
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(grown.encode(x), source.encode(x))
+    assert torch.allclose(grown.reconstruct(x)[0], source.reconstruct(x)[0], atol=1e-6)
+    smaller = VQVAE(**{**source.config, "num_res_blocks": 0})
+    try:
+        warm_start(smaller, source)
+    except (ValueError, RuntimeError) as e:
+        assert "decoder" in str(e) or "size mismatch" in str(e) or "Missing" in str(e)
+    else:
+        raise AssertionError("a decoder with fewer layers accepted the source's weights")
+
+
+def test_decoder_fine_tune_keeps_encoder_and_codes(image_folder: Path, tmp_path: Path):
+    base = tmp_path / "base"
+    train(image_folder / "train", base, 1)
+    tuned = tmp_path / "tuned"
+    res = train(image_folder / "train", tuned, 2, "--init-from", str(base / "final"), "--upsample-res-blocks", "1",
+                "--freeze-encoder")  # fmt: skip
+    assert "val PSNR" in res.stdout
+    a = VQVAE.from_pretrained(base / "final")
+    b = VQVAE.from_pretrained(tuned / "final")
+    assert b.config["upsample_res_blocks"] == 1 and a.config["upsample_res_blocks"] == 0
+    for part in ("encoder", "quantizer"):
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{part}.{k} changed"
+    x = torch.rand(4, 3, 64, 64)
+    assert torch.equal(a.encode(x), b.encode(x)), "the codes changed: priors trained on them would no longer fit"
+    assert not torch.equal(a.decode_codes(a.encode(x)), b.decode_codes(b.encode(x))), "the decoder did not train"
+    assert json.loads((base / "final/codebook_usage.json").read_text()) == json.loads(
+        (tuned / "final/codebook_usage.json").read_text()
+    )
+
+
+def test_freeze_encoder_needs_a_trained_model(image_folder: Path, tmp_path: Path):
+    data, out = str(image_folder / "train"), str(tmp_path / "o")
+    res = run_module(["-m", "train.vqvae", "--data", data, "--out", out, "--freeze-encoder", *TINY])
+    assert res.returncode != 0 and "--freeze-encoder needs --init-from" in res.stderr
+    res = run_module(["-m", "train.vqvae", "--data", data, "--out", out, "--init-from", str(tmp_path / "nope"), *TINY])
+    assert res.returncode != 0 and "nope" in res.stderr and "Traceback" not in res.stderr

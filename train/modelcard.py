@@ -24,13 +24,32 @@ DATA_NOTE = (
 )
 
 
+def read_runs(runs: list[Path]) -> list[dict]:
+    """Per-epoch records of one run, or of several runs in order (a run continued by another, such
+    as a decoder fine-tune), each record then starting with its run's number."""
+    records = []
+    for i, run in enumerate(runs, 1):
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                records.append({"run": i, **r} if len(runs) > 1 else r)
+    return records
+
+
 def card(
-    model: Path, run: Path, evaluation: dict, command: str, samples: str | None, extra: str, hours: float | None
+    model: Path,
+    runs: list[Path],
+    evaluation: dict,
+    command: str,
+    samples: str | None,
+    extra: str,
+    hours: float | None,
 ) -> str:
     config = json.loads((model / "config.json").read_text())
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_runs(runs)
     kind = "prior" if "num_layers" in config else "vqvae"
-    epochs = records[-1]["epoch"] if records else 0
+    # Epochs over all runs: each run's epochs are numbered from 1.
+    epochs = sum(1 for _ in records)
     if hours is None and records and all("epoch_seconds" in r for r in records):
         hours = sum(r["epoch_seconds"] for r in records) / 3600
     if kind == "vqvae":
@@ -78,10 +97,12 @@ def card(
     for key, value in evaluation.items():
         if value is not None:
             lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
-    lines += ["", "Per-epoch training log (from metrics.jsonl):", "", "| " + " | ".join(records[0]) + " |"]
-    lines.append("|" + " --- |" * len(records[0]))
+    columns = list(dict.fromkeys(k for r in records for k in r))  # runs may log different fields
+    lines += ["", "Per-epoch training log (from metrics.jsonl):", "", "| " + " | ".join(columns) + " |"]
+    lines.append("|" + " --- |" * len(columns))
     for r in records:
-        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+        cells = [r.get(k, "") for k in columns]
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells) + " |")
     if samples:
         lines += ["", "## Samples", "", f"![samples]({samples})"]
     if extra:
@@ -92,7 +113,8 @@ def card(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--run", type=Path, required=True, action="append",
+                   help="training run folder; repeat for a run continued by another, in order")  # fmt: skip
     p.add_argument("--eval", type=Path, required=True, help="JSON from lesionstudio.evaluate --json")
     p.add_argument("--command", required=True)
     p.add_argument("--samples", type=Path, default=None, help="image to copy beside the card and show")

@@ -30,7 +30,7 @@ from lesionstudio.data import (
 )
 from lesionstudio.evaluate import codebook_usage, evaluate
 from lesionstudio.plots import write_curves
-from lesionstudio.vqvae import VQVAE
+from lesionstudio.vqvae import VQVAE, ResidualBlock
 
 from . import common
 
@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=128, help="encoder/decoder channels")
     p.add_argument("--res-channels", type=int, default=64)
     p.add_argument("--res-blocks", type=int, default=2)
+    p.add_argument("--upsample-res-blocks", type=int, default=0,
+                   help="decoder residual blocks after each upsampling stage but the last")  # fmt: skip
     p.add_argument("--num-codes", type=int, default=512, help="codebook size K")
     p.add_argument("--code-dim", type=int, default=64, help="code vector dimension D")
     p.add_argument("--beta", type=float, default=0.25, help="commitment weight")
@@ -66,8 +68,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-restart", action="store_true", help="do not restart dead codes")
     p.add_argument("--dead-threshold", type=float, default=1.0, help="EMA usage below which a code restarts")
     p.add_argument("--usage-limit", type=int, default=None, help="training images scanned for codebook_usage.json")
+    p.add_argument("--init-from", type=Path, default=None, metavar="FOLDER",
+                   help="start from a VQ-VAE folder: its weights and config (plus --upsample-res-blocks)")  # fmt: skip
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="train the decoder only: encoder and codebook stay fixed, so the codes (and priors "
+                   "trained on them) stay valid")  # fmt: skip
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
     args = p.parse_args(argv)
+    if args.freeze_encoder and args.init_from is None:
+        p.error("--freeze-encoder needs --init-from (a trained encoder and codebook to keep)")
+    if args.init_from is not None:
+        if not args.init_from.is_dir():
+            p.error(f"--init-from {args.init_from}: no such folder")
+        try:
+            source = VQVAE.from_pretrained(args.init_from)
+        except (ValueError, OSError) as e:
+            p.error(f"--init-from {args.init_from}: {e}")
+        args.latent = source.latent_size
+        args.image_size = source.image_size
     if args.image_size % args.latent:
         p.error(f"--image-size {args.image_size} is not a multiple of --latent {args.latent}")
     if args.crop and args.crop % (args.image_size // args.latent):
@@ -76,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace) -> VQVAE:
+    if args.init_from is not None:
+        source = VQVAE.from_pretrained(args.init_from)
+        model = VQVAE(**{**source.config, "upsample_res_blocks": args.upsample_res_blocks})
+        warm_start(model, source)
+        return model
     return VQVAE(
         hidden_channels=args.hidden,
         res_channels=args.res_channels,
@@ -89,7 +112,37 @@ def build_model(args: argparse.Namespace) -> VQVAE:
         restart_dead_codes=not args.no_restart,
         dead_code_threshold=args.dead_threshold,
         image_size=args.image_size,
+        upsample_res_blocks=args.upsample_res_blocks,
     )
+
+
+def warm_start(model: VQVAE, source: VQVAE) -> None:
+    """Copy source's weights into model, whose decoder may have extra residual blocks.
+
+    The extra blocks start with a zero last convolution, so model computes exactly what source does
+    and training only adds to it.
+    """
+    model.encoder.load_state_dict(source.encoder.state_dict())
+    model.quantizer.load_state_dict(source.quantizer.state_dict())
+    old = list(source.decoder.net)
+    j = 0
+    for layer in model.decoder.net:
+        match = j < len(old) and type(layer) is type(old[j])
+        if match:
+            try:
+                layer.load_state_dict(old[j].state_dict())
+            except RuntimeError:  # same kind, other shape: an inserted layer
+                match = False
+        if match:
+            j += 1
+        elif isinstance(layer, ResidualBlock):
+            last = layer.block[-1]
+            torch.nn.init.zeros_(last.weight)
+            torch.nn.init.zeros_(last.bias)
+        else:
+            raise ValueError(f"cannot grow the source decoder into one with {type(layer).__name__} here")
+    if j != len(old):
+        raise ValueError("the source decoder has layers the new one lacks")
 
 
 def load_data(args: argparse.Namespace) -> tuple[LesionImageFolder, LesionImageFolder]:
@@ -116,6 +169,9 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
     train_set, val_set = load_data(args)
     common.seed_everything(args.seed)  # same seed, same initial weights on every rank
     model = build_model(args).to(device)
+    if args.freeze_encoder:
+        model.encoder.requires_grad_(False)
+        model.quantizer.requires_grad_(False)
     steps_per_epoch = max(1, len(train_set) // (args.batch_size * d.world_size))
     opt = common.Optimization.create(model, args.lr, steps_per_epoch * args.epochs, args.warmup_steps, device)
     start_epoch = opt.resume(out, args.resume, device, d.is_main)
@@ -141,6 +197,8 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
             persistent_workers=False,
         )
         model.train()
+        if args.freeze_encoder:
+            model.quantizer.eval()  # no EMA updates or restarts: every image keeps its codes
         sums = {"loss": 0.0, "reconstruction": 0.0, "codebook": 0.0, "commitment": 0.0, "perplexity": 0.0}
         n_steps = skipped = n_images = 0
         t0 = time.time()
