@@ -1,8 +1,9 @@
 """Encode an image data set into VQ-VAE code grids, cached on disk.
 
 The cache is an ``.npz`` (uint16 codes [N, h, w], int64 labels, file names; no pickle) with a
-JSON key beside it: the VQ-VAE weights' SHA-256 and the list of files. A cache whose key does
-not match is rebuilt rather than silently reused.
+JSON key beside it: a fingerprint of what decides the codes (encoder, codebook, image size) and
+the list of files. A cache whose key does not match is rebuilt rather than silently reused; a
+VQ-VAE whose decoder alone changed keeps its cache.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def state_sha256(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def codes_key(vqvae: torch.nn.Module) -> str:
+    """Fingerprint of what decides a VQ-VAE's codes: encoder and codebook weights, image size.
+
+    The decoder is left out: a decoder-only fine-tune keeps every code, and so the cache.
+    """
+    parts = torch.nn.ModuleDict({"encoder": vqvae.encoder, "quantizer": vqvae.quantizer})
+    return f"{state_sha256(parts)}:{vqvae.image_size}"
 
 
 @torch.no_grad()

@@ -22,9 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from lesionstudio.codes import CodeSet, file_sha256, load_or_extract
+from lesionstudio.codes import CodeSet, codes_key, load_or_extract
 from lesionstudio.data import LesionImageFolder, eval_transform, split_indices
-from lesionstudio.hubmodel import WEIGHTS_NAME
 from lesionstudio.metrics import entropy_bits, usage_histogram
 from lesionstudio.pixelcnn import GatedPixelCNN
 from lesionstudio.plots import write_curves
@@ -66,9 +65,7 @@ def encode_dataset(args: argparse.Namespace, vq: VQVAE, device: torch.device) ->
     if args.limit is not None and args.limit < len(ds):
         perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed)).tolist()
         ds = ds.subset(sorted(perm[: args.limit]))
-    weights = Path(args.vqvae) / WEIGHTS_NAME
-    key = file_sha256(weights) if weights.exists() else args.vqvae
-    codes = load_or_extract(args.out / "codes.npz", vq, ds, key, device)
+    codes = load_or_extract(args.out / "codes.npz", vq, ds, codes_key(vq), device)
     return codes, ds.classes
 
 
