@@ -157,3 +157,26 @@ def test_freeze_encoder_needs_a_trained_model(image_folder: Path, tmp_path: Path
     assert res.returncode != 0 and "--freeze-encoder needs --init-from" in res.stderr
     res = run_module(["-m", "train.vqvae", "--data", data, "--out", out, "--init-from", str(tmp_path / "nope"), *TINY])
     assert res.returncode != 0 and "nope" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_init_from_keeps_the_source_decoder_unless_told(tmp_path: Path):
+    from train.vqvae import build_model, parse_args
+
+    source = VQVAE(hidden_channels=16, res_channels=8, num_res_blocks=1, downsample=8, num_codes=32, code_dim=8,
+                   image_size=64, upsample_res_blocks=1)  # fmt: skip
+    source.save_pretrained(tmp_path / "src")
+
+    def build(*extra: str) -> VQVAE:
+        return build_model(parse_args(["--data", "x", "--out", "y", "--init-from", str(tmp_path / "src"), *extra]))
+
+    again = build()
+    assert again.config == source.config
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.equal(again.eval().reconstruct(x)[0], source.eval().reconstruct(x)[0])
+    assert build("--upsample-res-blocks", "2").config["upsample_res_blocks"] == 2
+    try:
+        build("--upsample-res-blocks", "0")
+    except ValueError as e:
+        assert "decoder" in str(e)
+    else:
+        raise AssertionError("dropping trained decoder blocks was accepted silently")

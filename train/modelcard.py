@@ -48,8 +48,7 @@ def card(
     config = json.loads((model / "config.json").read_text())
     records = read_runs(runs)
     kind = "prior" if "num_layers" in config else "vqvae"
-    # Epochs over all runs: each run's epochs are numbered from 1.
-    epochs = sum(1 for _ in records)
+    epochs = len(records)  # over all runs (each numbers its epochs from 1)
     if hours is None and records and all("epoch_seconds" in r for r in records):
         hours = sum(r["epoch_seconds"] for r in records) / 3600
     if kind == "vqvae":

@@ -58,8 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=128, help="encoder/decoder channels")
     p.add_argument("--res-channels", type=int, default=64)
     p.add_argument("--res-blocks", type=int, default=2)
-    p.add_argument("--upsample-res-blocks", type=int, default=0,
-                   help="decoder residual blocks after each upsampling stage but the last")  # fmt: skip
+    p.add_argument("--upsample-res-blocks", type=int, default=None,
+                   help="decoder residual blocks after each upsampling stage but the last (default: 0, or "
+                   "those of --init-from)")  # fmt: skip
     p.add_argument("--num-codes", type=int, default=512, help="codebook size K")
     p.add_argument("--code-dim", type=int, default=64, help="code vector dimension D")
     p.add_argument("--beta", type=float, default=0.25, help="commitment weight")
@@ -96,7 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(args: argparse.Namespace) -> VQVAE:
     if args.init_from is not None:
         source = VQVAE.from_pretrained(args.init_from)
-        model = VQVAE(**{**source.config, "upsample_res_blocks": args.upsample_res_blocks})
+        config = dict(source.config)
+        if args.upsample_res_blocks is not None:
+            config["upsample_res_blocks"] = args.upsample_res_blocks
+        model = VQVAE(**config)
         warm_start(model, source)
         return model
     return VQVAE(
@@ -112,7 +116,7 @@ def build_model(args: argparse.Namespace) -> VQVAE:
         restart_dead_codes=not args.no_restart,
         dead_code_threshold=args.dead_threshold,
         image_size=args.image_size,
-        upsample_res_blocks=args.upsample_res_blocks,
+        upsample_res_blocks=args.upsample_res_blocks or 0,
     )
 
 
