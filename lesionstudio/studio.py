@@ -278,14 +278,16 @@ class Studio:
         if not self.data_files or not images:
             return []
         index = self._neighbour_index()
-        x = torch.stack([feature_transform(256)(img) for img in images])
+        to_features = feature_transform(256)
+        x = torch.stack([to_features(img) for img in images])
         queries = torch.stack([index.extractor(v) for v in dihedral(x)], dim=1)
         found = nearest(queries, index.features)
+        to_thumb = eval_transform(256)
         out = []
         for i, (j, d) in enumerate(zip(found.index.tolist(), found.distance.tolist(), strict=True)):
             ratio = d / index.typical if index.typical > 0 else float("nan")
             note = " (possible copy)" if ratio < DEFAULT_THRESHOLD else ""
-            thumb = to_pil(eval_transform(256)(load_image(index.files[j])))
+            thumb = to_pil(to_thumb(load_image(index.files[j])))
             # Ratio first: the gallery cuts long captions short.
             out.append((thumb, f"sample {i + 1}: distance ratio {ratio:.2f}{note}, {index.files[j].name}"))
         return out

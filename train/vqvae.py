@@ -82,11 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not args.init_from.is_dir():
             p.error(f"--init-from {args.init_from}: no such folder")
         try:
-            source = VQVAE.from_pretrained(args.init_from)
+            args.source = VQVAE.from_pretrained(args.init_from)  # loaded once, here, to fail early
         except (ValueError, OSError) as e:
             p.error(f"--init-from {args.init_from}: {e}")
-        args.latent = source.latent_size
-        args.image_size = source.image_size
+        args.latent = args.source.latent_size
+        args.image_size = args.source.image_size
     if args.image_size % args.latent:
         p.error(f"--image-size {args.image_size} is not a multiple of --latent {args.latent}")
     if args.crop and args.crop % (args.image_size // args.latent):
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace) -> VQVAE:
     if args.init_from is not None:
-        source = VQVAE.from_pretrained(args.init_from)
+        source = args.source
         config = dict(source.config)
         if args.upsample_res_blocks is not None:
             config["upsample_res_blocks"] = args.upsample_res_blocks
