@@ -3,7 +3,9 @@
     python benchmarks/sampling.py [--prior checkpoints/pixelcnn-64] [--threads 2]
 
 The plain sampler (one whole forward pass per code) is timed on the first codes of the grid
-and extrapolated to the whole grid (its cost per code is constant); its column says so.
+and extrapolated to the whole grid (its cost per code is constant); its column says so. A
+hierarchical prior is timed on random coarse codes (its fine stage alone; the coarse stage
+costs what its own prior's benchmark says).
 """
 
 from __future__ import annotations
@@ -33,14 +35,19 @@ def timed(fn, repeat: int = 1) -> float:
 def measure(prior: GatedPixelCNN, g: int, n: int, positions: int) -> None:
     codes = torch.randint(0, prior.num_codes, (n, g, g))
     labels = torch.zeros(n, dtype=torch.long) if prior.num_classes else None
+    coarse = None
+    if prior.hierarchical:
+        gc = g * prior.cond_grid_size // prior.grid_size
+        coarse = torch.randint(0, prior.cond_num_codes, (n, gc, gc))
     with torch.no_grad():
-        prior(codes, labels)  # warm-up
-        forward = timed(lambda: prior(codes, labels), repeat=2)
-    incremental = timed(lambda: sample(prior, n, shape=(g, g), seed=0, labels=labels), repeat=2)
+        prior(codes, labels, coarse)  # warm-up
+        forward = timed(lambda: prior(codes, labels, coarse), repeat=2)
+    incremental = timed(lambda: sample(prior, n, shape=(g, g), seed=0, labels=labels, coarse=coarse), repeat=2)
     mask = torch.zeros(n, g * g, dtype=torch.bool)
     mask[:, :positions] = True
     mask = mask.view(n, g, g)
-    plain = timed(lambda: inpaint(prior, codes, mask, seed=0, candidates=1, method="naive")) * g * g / positions
+    plain = timed(lambda: inpaint(prior, codes, mask, seed=0, candidates=1, method="naive", coarse=coarse))
+    plain *= g * g / positions
     print(
         f"{g:>4}x{g:<2} {n:>5} {forward:>10.3f} {incremental:>14.2f} {plain:>8.0f} (from {positions}) "
         f"{incremental / forward:>12.1f}x {plain / incremental:>10.0f}x"
@@ -65,12 +72,16 @@ def main() -> None:
         name = "random prior, default config"
     print(
         f"prior: {name} (channels {prior.channels}, layers {prior.num_layers}, kernel {prior.kernel_size}, "
-        f"K {prior.num_codes}, classes {prior.num_classes}); torch {torch.__version__}, {args.threads} threads"
+        f"K {prior.num_codes}, classes {prior.num_classes}"
+        f"{', on random coarse codes' if prior.hierarchical else ''}); "
+        f"torch {torch.__version__}, {args.threads} threads"
     )
     header = f"{'grid':>7} {'batch':>5} {'forward s':>10} {'incremental s':>14} {'plain s (extrapolated)':>22} "
     header += f"{'incr/forward':>13} {'plain/incr':>11}"
     print(header)
     for g in args.grids:
+        if prior.hierarchical and (g * prior.cond_grid_size) % prior.grid_size:
+            continue  # no whole coarse grid for this size
         for n in args.batches:
             measure(prior, g, n, min(args.plain_codes, g * g))
 

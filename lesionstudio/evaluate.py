@@ -1,6 +1,11 @@
 """Measure a VQ-VAE (and optionally a prior) on a folder of images.
 
 python -m lesionstudio.evaluate --vqvae checkpoints/vqvae-64 --data DIR [--prior PATH] [--json]
+
+A hierarchical prior (conditioned on a coarser grid) is scored with its coarse VQ-VAE and prior
+(``--coarse-vqvae`` / ``--coarse-prior``, by default ``vqvae-N`` and ``pixelcnn-N`` beside the
+prior's folder): bits per code is then -log2 p(coarse, fine) per fine code, an upper bound on
+the fine grid's own bits, comparable with a plain prior's and with the unigram entropy.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from tqdm import tqdm
 
 from . import metrics
 from .data import LesionImageFolder, collate_skip_bad, eval_transform, split_indices
+from .hierarchy import pair_nll_bits
+from .hub import ModelPair, check_coarse_pair, check_pair
 from .pixelcnn import GatedPixelCNN
 from .vqvae import VQVAE
 
@@ -44,14 +51,32 @@ def codebook_usage(
 
 @torch.no_grad()
 def prior_bits(
-    prior: GatedPixelCNN, codes: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 16
+    prior: GatedPixelCNN,
+    codes: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    batch_size: int = 16,
+    coarse: torch.Tensor | None = None,
 ) -> float:
-    """Mean negative log-likelihood in bits per code (classes marginalised when labels is None)."""
+    """Mean negative log-likelihood in bits per code (classes marginalised when labels is None;
+    given the coarse grids, for a hierarchical prior)."""
     prior.eval()
     total = 0.0
     for i in range(0, len(codes), batch_size):
         lab = None if labels is None else labels[i : i + batch_size]
-        total += float(prior.nll_bits(codes[i : i + batch_size], lab).sum())
+        cg = None if coarse is None else coarse[i : i + batch_size]
+        total += float(prior.nll_bits(codes[i : i + batch_size], lab, cg).sum())
+    return total / max(len(codes), 1)
+
+
+@torch.no_grad()
+def joint_bits(
+    pair: ModelPair, codes: torch.Tensor, coarse: torch.Tensor, labels: torch.Tensor | None, batch_size: int = 16
+) -> float:
+    """Mean -log2 p(coarse, fine) per fine code of a hierarchical pair."""
+    total = 0.0
+    for i in range(0, len(codes), batch_size):
+        lab = None if labels is None else labels[i : i + batch_size]
+        total += float(pair_nll_bits(pair, codes[i : i + batch_size], coarse[i : i + batch_size], lab).sum())
     return total / max(len(codes), 1)
 
 
@@ -64,11 +89,15 @@ def evaluate(
     batch_size: int = 16,
     use_labels: bool = False,
     limit: int | None = None,
+    coarse: ModelPair | None = None,
 ) -> dict:
     """Mean PSNR and SSIM of the reconstructions, codebook usage and (with a prior) bits per
-    code over a data set (its transform should be the eval transform), first `limit` images."""
+    code over a data set (its transform should be the eval transform), first `limit` images.
+    A hierarchical prior needs ``coarse``, its coarse VQ-VAE and prior."""
     vqvae.eval()
-    psnrs, ssims, all_codes, all_labels = [], [], [], []
+    if prior is not None and prior.hierarchical and (coarse is None or coarse.prior is None):
+        raise ValueError("a hierarchical prior is scored with its coarse VQ-VAE and prior (coarse=)")
+    psnrs, ssims, all_codes, all_labels, all_coarse = [], [], [], [], []
     for batch in tqdm(_loader(dataset, limit, batch_size), desc="evaluating", unit="batch", mininterval=2):
         if batch.images.numel() == 0:
             continue
@@ -78,6 +107,8 @@ def evaluate(
         ssims.append(metrics.ssim(recon, images).cpu())
         all_codes.append(codes.cpu())
         all_labels.append(batch.labels)
+        if prior is not None and prior.hierarchical and coarse is not None:
+            all_coarse.append(coarse.vqvae.encode(images).cpu())
     if not psnrs:
         raise ValueError("no readable images to evaluate")
     codes = torch.cat(all_codes)
@@ -96,7 +127,16 @@ def evaluate(
         labels = torch.cat(all_labels)
         if not use_labels or prior.num_classes == 0 or bool((labels < 0).any()):
             labels = None
-        result["bits_per_code"] = prior_bits(prior.to(device), codes.to(device), labels, batch_size)
+        if not prior.hierarchical:
+            result["bits_per_code"] = prior_bits(prior.to(device), codes.to(device), labels, batch_size)
+            return result
+        assert coarse is not None and coarse.prior is not None
+        cg = torch.cat(all_coarse).to(device)
+        pair = ModelPair(vqvae.latent_size, vqvae, prior.to(device), "", Path(), None, coarse=coarse)
+        lab = None if labels is None else labels.to(device)
+        result["bits_per_code"] = joint_bits(pair, codes.to(device), cg, lab, batch_size)
+        result["fine_given_coarse_bits"] = prior_bits(prior, codes.to(device), lab, batch_size, coarse=cg)
+        result["coarse_bits_per_code"] = prior_bits(coarse.prior.to(device), cg, lab, batch_size)
     return result
 
 
@@ -105,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vqvae", required=True, help="VQ-VAE folder or Hub repo id")
     p.add_argument("--data", type=Path, required=True, help="folder of images")
     p.add_argument("--prior", default=None, help="prior folder or Hub repo id (adds bits per code)")
+    p.add_argument("--coarse-vqvae", default=None, help="a hierarchical prior's coarse VQ-VAE (default: beside it)")
+    p.add_argument("--coarse-prior", default=None, help="a hierarchical prior's coarse prior (default: beside it)")
     p.add_argument("--limit", type=int, default=None, help="first N images (after --split)")
     p.add_argument("--labels", type=Path, default=None, help="CSV of labels: score a conditional prior per class")
     p.add_argument("--split", choices=("all", "train", "val"), default="all",
@@ -120,17 +162,18 @@ def main(argv: list[str] | None = None) -> None:
 
     vq = VQVAE.from_pretrained(args.vqvae).to(device)
     prior = GatedPixelCNN.from_pretrained(args.prior).to(device) if args.prior else None
+    coarse = None
     if prior is not None:
-        from .hub import check_pair
-
         check_pair(vq, prior, args.vqvae, args.prior)
+        if prior.hierarchical:
+            coarse = load_coarse(args, prior, device)
     ds = LesionImageFolder(args.data, transform=eval_transform(vq.image_size), labels_csv=args.labels)
     if args.split != "all":
         train_idx, val_idx = split_indices(len(ds), args.val_fraction, seed=args.seed)
         ds = ds.subset(val_idx if args.split == "val" else train_idx)
     if args.limit is not None:
         ds = ds.subset(range(min(args.limit, len(ds))))
-    r = evaluate(vq, ds, prior, device, args.batch_size, use_labels=args.labels is not None)
+    r = evaluate(vq, ds, prior, device, args.batch_size, use_labels=args.labels is not None, coarse=coarse)
     print(f"images:        {r['images']} ({args.data}, split {args.split})")
     print(f"PSNR:          {r['psnr']:.2f} dB")
     print(f"SSIM:          {r['ssim']:.4f}")
@@ -140,9 +183,31 @@ def main(argv: list[str] | None = None) -> None:
     if r["bits_per_code"] is not None:
         gain = 1 - r["bits_per_code"] / r["unigram_bits"] if r["unigram_bits"] else 0.0
         print(f"prior NLL:     {r['bits_per_code']:.3f} bits/code ({gain:.1%} below unigram)")
+    if r.get("fine_given_coarse_bits") is not None:
+        print(f"  of which:    coarse grid {r['coarse_bits_per_code']:.3f} bits per coarse code, "
+              f"fine grid given it {r['fine_given_coarse_bits']:.3f} bits per fine code")  # fmt: skip
     if args.json:
         keys = ("psnr", "ssim", "perplexity", "codes_used", "bits_per_code", "unigram_bits")
-        print(json.dumps({k: r[k] for k in keys}))
+        extra = ("fine_given_coarse_bits", "coarse_bits_per_code")
+        print(json.dumps({k: r[k] for k in keys} | {k: r[k] for k in extra if k in r}))
+
+
+def load_coarse(args: argparse.Namespace, prior: GatedPixelCNN, device: str) -> ModelPair:
+    """The coarse VQ-VAE and prior a hierarchical prior fills in: given, or beside the prior."""
+    g = prior.cond_grid_size
+    beside = Path(args.prior).parent
+    vq_path = args.coarse_vqvae or beside / f"vqvae-{g}"
+    prior_path = args.coarse_prior or beside / f"pixelcnn-{g}"
+    for what, path, flag in (("VQ-VAE", vq_path, "--coarse-vqvae"), ("prior", prior_path, "--coarse-prior")):
+        if not getattr(args, flag[2:].replace("-", "_")) and not Path(path).is_dir():
+            raise SystemExit(f"{args.prior} is a hierarchical prior: give its coarse {what} with {flag} "
+                             f"(no {path} beside it)")  # fmt: skip
+    cvq = VQVAE.from_pretrained(vq_path).to(device).eval()
+    cprior = GatedPixelCNN.from_pretrained(prior_path).to(device).eval()
+    check_pair(cvq, cprior, vq_path, prior_path)
+    coarse = ModelPair(g, cvq, cprior, "", Path(vq_path), Path(prior_path))
+    check_coarse_pair(prior, args.prior, coarse)
+    return coarse
 
 
 if __name__ == "__main__":

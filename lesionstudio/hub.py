@@ -2,7 +2,9 @@
 
 A checkpoints source is a folder (or a Hugging Face Hub repo laid out the same way) holding
 ``vqvae-{latent}/`` and ``pixelcnn-{latent}/`` model folders, each with config.json and
-model.safetensors (plus ``codebook_usage.json`` beside a VQ-VAE). Where no source is given it
+model.safetensors (plus ``codebook_usage.json`` beside a VQ-VAE). A hierarchical prior (one
+conditioned on a coarser grid, e.g. ``pixelcnn-64`` on the codes of ``vqvae-32``) needs the
+coarse pair from the same source, which is loaded with it as ``ModelPair.coarse``. Where no source is given it
 is, in order: ``$LESIONSTUDIO_CHECKPOINTS``, then the bundled ``checkpoints/``. Hub downloads
 go through ``huggingface_hub`` and so honour ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``
 and the cache. Only safetensors and JSON are ever read.
@@ -39,6 +41,7 @@ class ModelPair:
     vqvae_dir: Path
     prior_dir: Path | None
     usage: list[int] | None = field(default=None, repr=False)
+    coarse: ModelPair | None = field(default=None, repr=False)  # what a hierarchical prior fills in
 
 
 def default_source() -> Path:
@@ -104,6 +107,25 @@ def check_pair(vq: VQVAE, prior: GatedPixelCNN, vq_dir: Path | str, prior_dir: P
         raise CheckpointError(f"prior {prior_dir} does not match VQ-VAE {vq_dir}: " + "; ".join(problems))
 
 
+def check_coarse_pair(prior: GatedPixelCNN, prior_dir: Path | str, coarse: ModelPair) -> None:
+    """Raise CheckpointError when a hierarchical prior cannot fill in this coarse pair."""
+    problems = []
+    cvq = coarse.vqvae
+    if cvq.num_codes != prior.cond_num_codes:
+        problems.append(f"coarse codebook size K: prior expects {prior.cond_num_codes}, VQ-VAE has {cvq.num_codes}")
+    if cvq.latent_size != prior.cond_grid_size:
+        problems.append(f"coarse grid: prior expects {prior.cond_grid_size}, VQ-VAE makes {cvq.latent_size}")
+    if coarse.prior is not None:
+        if coarse.prior.hierarchical:
+            problems.append(f"the coarse prior {coarse.prior_dir} is itself hierarchical (two levels at most)")
+        if coarse.prior.class_names != prior.class_names:
+            problems.append(f"classes: {prior.class_names} vs coarse prior's {coarse.prior.class_names}")
+    if problems:
+        raise CheckpointError(
+            f"prior {prior_dir} does not fit the coarse pair {coarse.vqvae_dir}: " + "; ".join(problems)
+        )
+
+
 def read_usage(folder: Path, num_codes: int) -> list[int] | None:
     path = folder / USAGE_NAME
     if not path.exists():
@@ -136,10 +158,20 @@ def load_pair(
     if vq.latent_size != latent:
         raise CheckpointError(f"{vq_dir} makes a {vq.latent_size}x{vq.latent_size} grid, not {latent}x{latent}")
     prior_dir = _local_model_dir(source, f"pixelcnn-{latent}", revision)
-    prior = None
+    prior, coarse = None, None
     if prior_dir is not None:
         prior = GatedPixelCNN.from_pretrained(prior_dir).to(device).eval()
         check_pair(vq, prior, vq_dir, prior_dir)
+        if prior.hierarchical:
+            try:
+                coarse = load_pair(prior.cond_grid_size, source, device, require_prior=True, revision=revision)
+            except (CheckpointError, ValueError) as exc:
+                raise CheckpointError(
+                    f"prior {prior_dir} fills in a {prior.cond_grid_size}x{prior.cond_grid_size} coarse grid, "
+                    f"but its coarse pair cannot be loaded: {exc}"
+                ) from exc
+            check_coarse_pair(prior, prior_dir, coarse)
     elif require_prior:
         raise CheckpointError(f"{source} has no pixelcnn-{latent}/ prior for its vqvae-{latent}")
-    return ModelPair(latent, vq, prior, str(source), vq_dir, prior_dir, read_usage(vq_dir, vq.num_codes))
+    usage = read_usage(vq_dir, vq.num_codes)
+    return ModelPair(latent, vq, prior, str(source), vq_dir, prior_dir, usage, coarse)

@@ -6,6 +6,13 @@ only rows strictly above leak in). The horizontal stack sees the current row up 
 position (the first layer excludes the position itself). Together there is no blind spot.
 Units are gated, tanh(a) * sigmoid(b); the horizontal stack is residual. With
 ``num_classes > 0`` a learned class embedding is added inside every gate.
+
+With ``cond_num_codes > 0`` the prior is also conditioned on a coarser code grid of the same
+image (from a second VQ-VAE with a smaller grid, as in the two-level prior of VQ-VAE-2): the
+coarse codes are embedded, mixed by a small non-causal convolution (the whole coarse grid is
+known), upsampled to this grid and added inside every gate. A prior whose layers see about
+two dozen codes can then fill in detail around a layout drawn by a prior over the coarse grid,
+which sees the whole lesion.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ def shift_down(x: torch.Tensor) -> torch.Tensor:
 
 
 class GatedLayer(nn.Module):
-    def __init__(self, channels: int, kernel_size: int, num_classes: int, first: bool) -> None:
+    def __init__(self, channels: int, kernel_size: int, num_classes: int, first: bool, coarse: bool = False) -> None:
         super().__init__()
         p = kernel_size // 2
         self.pad, self.first, self.channels = p, first, channels
@@ -42,17 +49,28 @@ class GatedLayer(nn.Module):
         self.h_conv = nn.Conv2d(channels, 2 * channels, (1, self.h_width))
         self.h_out = nn.Conv2d(channels, channels, 1)
         self.class_embed = nn.Embedding(num_classes, 2 * channels) if num_classes > 0 else None
+        self.cond_proj: nn.Conv2d | None = None
+        if coarse:
+            # Starts at zero: an existing prior warm-started with a new coarse condition
+            # begins exactly where it was.
+            self.cond_proj = nn.Conv2d(channels, 2 * channels, 1)
+            nn.init.zeros_(self.cond_proj.weight)
+            nn.init.zeros_(self.cond_proj.bias)
 
-    def class_bias(self, labels: torch.Tensor | None) -> torch.Tensor | float:
-        if self.class_embed is None or labels is None:
-            return 0.0
-        return self.class_embed(labels)[:, :, None, None]
+    def bias(self, labels: torch.Tensor | None, coarse: torch.Tensor | None) -> torch.Tensor | None:
+        """What the conditions add inside the gates: [B, 2C, 1, 1] (class), [B, 2C, h, w] (coarse
+        grid features) or None."""
+        out = None
+        if self.class_embed is not None and labels is not None:
+            out = self.class_embed(labels)[:, :, None, None]
+        if self.cond_proj is not None and coarse is not None:
+            c = self.cond_proj(coarse)
+            out = c if out is None else out + c
+        return out
 
-    def forward(
-        self, v: torch.Tensor, h: torch.Tensor, labels: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         p, w = self.pad, h.shape[3]
-        cond = self.class_bias(labels)
+        cond = 0.0 if cond is None else cond
         v_pre = self.v_conv(F.pad(v, (p, p, p, 0))) + cond
         h_pre = self.h_conv(F.pad(h, (p, 0, 0, 0)))[:, :, :, :w]
         h_pre = h_pre + self.v_to_h(shift_down(v_pre)) + cond
@@ -60,6 +78,23 @@ class GatedLayer(nn.Module):
         if not self.first:
             h_new = h_new + h
         return gate(v_pre), h_new
+
+
+class CoarseCondition(nn.Module):
+    """Features of a coarse code grid [B, hc, wc], upsampled to the fine grid: [B, C, h, w]."""
+
+    def __init__(self, num_codes: int, channels: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(num_codes, channels)
+        self.mix = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
+        )
+
+    def forward(self, coarse: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        x = self.embedding(coarse.long()).permute(0, 3, 1, 2)
+        x = x + self.mix(x)
+        # Each coarse code covers a factor x factor block of fine codes (same image, same frame).
+        return F.interpolate(x, size=size, mode="nearest")
 
 
 class GatedPixelCNN(
@@ -70,9 +105,11 @@ class GatedPixelCNN(
 ):
     """Autoregressive prior p(codes) = prod p(code[r, c] | codes before it in raster order [, class]).
 
-    ``forward(codes [B, h, w], labels [B] | None) -> logits [B, K, h, w]``. ``grid_size`` is
-    the code grid it was trained for (it runs on any grid), ``class_names`` and
+    ``forward(codes [B, h, w], labels [B] | None, coarse [B, hc, wc] | None) -> logits [B, K, h, w]``.
+    ``grid_size`` is the code grid it was trained for (it runs on any grid), ``class_names`` and
     ``class_counts`` describe the classes (for sampling across classes by training frequency).
+    ``cond_num_codes`` / ``cond_grid_size`` (both 0 unless conditioned on a coarse grid) are the
+    K and grid of the coarse VQ-VAE; a fine grid must be a whole multiple of the coarse one.
     """
 
     def __init__(
@@ -86,6 +123,8 @@ class GatedPixelCNN(
         code_dim: int = 0,
         class_names: list[str] | None = None,
         class_counts: list[int] | None = None,
+        cond_num_codes: int = 0,
+        cond_grid_size: int = 0,
     ) -> None:
         super().__init__()
         self.num_codes = check_int("num_codes", num_codes, minimum=2)
@@ -105,32 +144,71 @@ class GatedPixelCNN(
         ):
             raise ValueError(f"config value class_counts must be {num_classes} non-negative integers")
         self.class_counts = list(class_counts) if class_counts else [1] * num_classes
+        self.cond_num_codes = check_int("cond_num_codes", cond_num_codes, minimum=0)
+        self.cond_grid_size = check_int("cond_grid_size", cond_grid_size, minimum=0)
+        if (cond_num_codes > 0) != (cond_grid_size > 0):
+            raise ValueError("config values cond_num_codes and cond_grid_size must both be 0 or both be set")
+        if cond_grid_size and (cond_grid_size >= grid_size or grid_size % cond_grid_size):
+            raise ValueError(
+                f"config value grid_size ({grid_size}) must be a larger multiple of cond_grid_size ({cond_grid_size})"
+            )
 
         self.embedding = nn.Embedding(num_codes, channels)
+        coarse = cond_num_codes > 0
+        self.condition = CoarseCondition(cond_num_codes, channels) if coarse else None
         self.layers = nn.ModuleList(
-            GatedLayer(channels, kernel_size, num_classes, first=(i == 0)) for i in range(num_layers)
+            GatedLayer(channels, kernel_size, num_classes, first=(i == 0), coarse=coarse) for i in range(num_layers)
         )
         self.head = nn.Sequential(
             nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, num_codes, 1)
         )
 
-    def check_inputs(self, codes: torch.Tensor, labels: torch.Tensor | None) -> None:
+    @property
+    def hierarchical(self) -> bool:
+        """Whether this prior needs the codes of a coarser grid (``coarse=``)."""
+        return self.cond_num_codes > 0
+
+    def check_codes(self, codes: torch.Tensor) -> None:
         if codes.ndim != 3:
             raise ValueError(f"expected codes [B, h, w], got shape {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codes):
             raise ValueError(f"codes must be in [0, {self.num_codes})")
+
+    def check_inputs(
+        self, codes: torch.Tensor, labels: torch.Tensor | None, coarse: torch.Tensor | None = None
+    ) -> None:
+        self.check_codes(codes)
         if labels is not None:
             if self.num_classes == 0:
                 raise ValueError("this prior is unconditional; pass labels=None")
             if labels.shape != (codes.shape[0],) or int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
                 raise ValueError(f"labels must be [B] class ids in [0, {self.num_classes})")
+        if not self.hierarchical:
+            if coarse is not None:
+                raise ValueError("this prior is not conditioned on a coarse grid; pass coarse=None")
+            return
+        if coarse is None:
+            raise ValueError(
+                f"this prior is conditioned on a {self.cond_grid_size}x{self.cond_grid_size} coarse code grid; "
+                "pass coarse=[B, hc, wc] codes"
+            )
+        check_coarse(codes.shape, coarse, self.cond_num_codes)
 
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        self.check_inputs(codes, labels)
+    def biases(
+        self, labels: torch.Tensor | None, coarse: torch.Tensor | None, size: tuple[int, int]
+    ) -> list[torch.Tensor | None]:
+        """Per layer, what the class and coarse-grid conditions add inside its gates."""
+        feats = None if coarse is None or self.condition is None else self.condition(coarse, size)
+        return [layer.bias(labels, feats) for layer in self.layers]
+
+    def forward(
+        self, codes: torch.Tensor, labels: torch.Tensor | None = None, coarse: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        self.check_inputs(codes, labels, coarse)
         x = self.embedding(codes.long()).permute(0, 3, 1, 2)
         v = h = x
-        for layer in self.layers:
-            v, h = layer(v, h, labels)
+        for layer, bias in zip(self.layers, self.biases(labels, coarse, codes.shape[1:]), strict=True):
+            v, h = layer(v, h, bias)
         return self.head(h)
 
     def class_probabilities(self) -> torch.Tensor:
@@ -138,14 +216,19 @@ class GatedPixelCNN(
         return counts / counts.sum() if counts.sum() > 0 else torch.full_like(counts, 1 / len(counts))
 
     @torch.no_grad()
-    def log_likelihood(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def log_likelihood(
+        self, codes: torch.Tensor, labels: torch.Tensor | None = None, coarse: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per-position log p(code) in nats, shape [B, h, w]."""
-        logits = self(codes, labels).float()
+        logits = self(codes, labels, coarse).float()
         return -F.cross_entropy(logits, codes.long(), reduction="none")
 
     @torch.no_grad()
-    def nll_bits(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Negative log-likelihood of each grid in bits per code, shape [B].
+    def nll_bits(
+        self, codes: torch.Tensor, labels: torch.Tensor | None = None, coarse: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Negative log-likelihood of each grid in bits per code, shape [B] (given the coarse
+        grid, for a hierarchical prior).
 
         On a class-conditional prior without labels, the class is marginalised out:
         p(codes) = sum_c p(c) p(codes | c).
@@ -155,9 +238,21 @@ class GatedPixelCNN(
             per_class = []
             for c in range(self.num_classes):
                 lab = torch.full((codes.shape[0],), c, dtype=torch.long, device=codes.device)
-                per_class.append(self.log_likelihood(codes, lab).flatten(1).sum(1))
+                per_class.append(self.log_likelihood(codes, lab, coarse).flatten(1).sum(1))
             log_prior = self.class_probabilities().to(codes.device).log().float()
             total = torch.logsumexp(torch.stack(per_class, 1) + log_prior, dim=1)
         else:
-            total = self.log_likelihood(codes, labels).flatten(1).sum(1)
+            total = self.log_likelihood(codes, labels, coarse).flatten(1).sum(1)
         return -total / n / math.log(2)
+
+
+def check_coarse(shape: torch.Size | tuple[int, ...], coarse: torch.Tensor, num_codes: int) -> None:
+    """A coarse grid must be [B, hc, wc] codes in [0, num_codes) that tile the fine grid [B, h, w]."""
+    b, h, w = shape
+    if coarse.ndim != 3 or coarse.shape[0] != b:
+        raise ValueError(f"expected coarse codes [{b}, hc, wc], got shape {tuple(coarse.shape)}")
+    hc, wc = coarse.shape[1:]
+    if h % hc or w % wc or h // hc != w // wc:
+        raise ValueError(f"a {h}x{w} grid is not a whole multiple of its {hc}x{wc} coarse grid")
+    if coarse.numel() and (int(coarse.min()) < 0 or int(coarse.max()) >= num_codes):
+        raise ValueError(f"coarse codes must be in [0, {num_codes})")

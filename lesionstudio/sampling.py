@@ -14,6 +14,9 @@ seeded with ``seed`` (on the CPU, so a seed means the same noise on any device) 
 argmax(logits / T + noise), which is a draw from softmax(logits / T); T = 0 is the argmax.
 The two compute the same sums in a different order, so they agree to rounding (exactly, in
 practice; in float64 the tests check it on many grids).
+
+A hierarchical prior (conditioned on a coarser grid of the same image) takes that grid as
+``coarse=`` in both; drawing the coarse grid first is ``lesionstudio.hierarchy``'s job.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .pixelcnn import GatedPixelCNN, gate
+from .pixelcnn import GatedPixelCNN, check_coarse, gate
 
 Progress = Callable[[float], None]
 LabelsArg = int | Sequence[int] | torch.Tensor | None
@@ -106,21 +109,40 @@ def sample(
     top_k: int | None = None,
     method: str = "incremental",
     progress: Progress | None = None,
+    coarse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw n code grids [n, h, w] from the prior (shape defaults to the grid it was trained on).
 
     ``seed`` is one seed for the batch, or n seeds, one per grid: then grid i (and its class,
-    when drawn) depends on seed i alone, not on the batch it was drawn in.
+    when drawn) depends on seed i alone, not on the batch it was drawn in. A hierarchical prior
+    needs ``coarse`` [n, hc, wc], the coarse grid each sample fills in.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     h, w = shape or (prior.grid_size, prior.grid_size)
     device = prior.embedding.weight.device
+    coarse = _check_coarse(prior, (n, h, w), coarse)
     gen = make_generators(seed, n)
     lab = resolve_labels(prior, n, labels, gen)
     codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
     mask = torch.ones(n, h, w, dtype=torch.bool, device=device)
-    return _fill(prior, codes, mask, lab, temperature, top_k, gen, method, progress)
+    return _fill(prior, codes, mask, lab, temperature, top_k, gen, method, progress, coarse)
+
+
+def _check_coarse(
+    prior: GatedPixelCNN, shape: tuple[int, int, int], coarse: torch.Tensor | None
+) -> torch.Tensor | None:
+    if not prior.hierarchical:
+        if coarse is not None:
+            raise ValueError("this prior is not conditioned on a coarse grid; pass coarse=None")
+        return None
+    if coarse is None:
+        raise ValueError(
+            f"this prior fills in a {prior.cond_grid_size}x{prior.cond_grid_size} coarse grid: pass coarse= codes"
+        )
+    coarse = torch.as_tensor(coarse).to(prior.embedding.weight.device).long()
+    check_coarse(shape, coarse, prior.cond_num_codes)
+    return coarse
 
 
 @torch.no_grad()
@@ -136,6 +158,7 @@ def inpaint(
     candidates: int = 4,
     method: str = "incremental",
     progress: Progress | None = None,
+    coarse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Resample the codes where mask is True, keep the others; n variants per input grid.
 
@@ -143,7 +166,8 @@ def inpaint(
     are adjacent). Masked codes are drawn in raster order, each conditioned on all the codes
     before it. A causal prior cannot see the fixed codes after the hole, so each variant is
     the best of ``candidates`` fills, ranked by the prior's likelihood of the fixed codes that
-    follow the hole (how well the fill leads into what is kept).
+    follow the hole (how well the fill leads into what is kept). A hierarchical prior needs
+    ``coarse`` ([hc, wc] or [B, hc, wc]), or [B * n, hc, wc] for a different one per variant.
     """
     if codes.ndim == 2:
         codes, mask = codes[None], mask[None]
@@ -153,9 +177,15 @@ def inpaint(
         raise ValueError("n and candidates must be at least 1")
     device = prior.embedding.weight.device
     codes = codes.to(device).long()
-    prior.check_inputs(codes, None)
+    prior.check_codes(codes)
     mask = mask.to(device).bool()
     b = codes.shape[0]
+    if coarse is not None:
+        coarse = torch.as_tensor(coarse)
+        coarse = coarse[None] if coarse.ndim == 2 else coarse
+        if coarse.shape[0] == b and b != b * n:
+            coarse = coarse.repeat_interleave(n, dim=0)
+    coarse = _check_coarse(prior, (b * n, *codes.shape[1:]), coarse)
     gen = make_generator(seed)
     lab = resolve_labels(prior, b * n, labels if labels is None else _per_variant(labels, b, n), gen)
     m = candidates
@@ -163,10 +193,11 @@ def inpaint(
     grid = codes.repeat_interleave(rep, dim=0)
     msk = mask.repeat_interleave(rep, dim=0)
     lab_all = None if lab is None else lab.repeat_interleave(m)
-    filled = _fill(prior, grid, msk, lab_all, temperature, top_k, gen, method, progress)
+    coarse_all = None if coarse is None else coarse.repeat_interleave(m, dim=0)
+    filled = _fill(prior, grid, msk, lab_all, temperature, top_k, gen, method, progress, coarse_all)
     if m == 1:
         return filled
-    score = _after_hole_loglik(prior, filled, msk, lab_all)
+    score = _after_hole_loglik(prior, filled, msk, lab_all, coarse_all)
     best = score.view(b * n, m).argmax(dim=1)
     return filled.view(b * n, m, *filled.shape[1:])[torch.arange(b * n, device=device), best]
 
@@ -179,10 +210,14 @@ def _per_variant(labels: LabelsArg, b: int, n: int) -> torch.Tensor:
 
 
 def _after_hole_loglik(
-    prior: GatedPixelCNN, codes: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None
+    prior: GatedPixelCNN,
+    codes: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor | None,
+    coarse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of log p over the kept codes that come after the first masked position of each grid."""
-    ll = prior.log_likelihood(codes, labels).flatten(1)
+    ll = prior.log_likelihood(codes, labels, coarse).flatten(1)
     flat_mask = mask.flatten(1)
     idx = torch.arange(flat_mask.shape[1], device=codes.device)
     first = torch.where(flat_mask.any(1), flat_mask.float().argmax(1), flat_mask.shape[1])
@@ -200,6 +235,7 @@ def _fill(
     gen: Generators,
     method: str,
     progress: Progress | None,
+    coarse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     codes = codes.clone()
     if labels is not None:
@@ -213,7 +249,7 @@ def _fill(
                 continue
             noise = row_noise(gen, len(cols), codes.shape[0], prior.num_codes, prior.embedding.weight)
             for j, c in enumerate(cols):
-                logits = prior(codes, labels)[:, :, r, c]
+                logits = prior(codes, labels, coarse)[:, :, r, c]
                 new = choose(logits, noise[j], temperature, top_k)
                 codes[:, r, c] = torch.where(mask[:, r, c], new, codes[:, r, c])
             done += len(cols)
@@ -222,7 +258,7 @@ def _fill(
         return codes
     if method != "incremental":
         raise ValueError(f"method must be 'incremental' or 'naive', got {method!r}")
-    sampler = IncrementalSampler(prior, codes.shape[0], codes.shape[1], codes.shape[2], labels)
+    sampler = IncrementalSampler(prior, codes.shape[0], codes.shape[1], codes.shape[2], labels, coarse)
     return sampler.fill(codes, mask, temperature, top_k, gen, progress)
 
 
@@ -252,7 +288,15 @@ class IncrementalSampler:
     writes results in place; per-op overhead, not arithmetic, is what costs on a CPU here.
     """
 
-    def __init__(self, prior: GatedPixelCNN, batch: int, height: int, width: int, labels: torch.Tensor | None):
+    def __init__(
+        self,
+        prior: GatedPixelCNN,
+        batch: int,
+        height: int,
+        width: int,
+        labels: torch.Tensor | None,
+        coarse: torch.Tensor | None = None,
+    ):
         self.prior, self.b, self.h, self.w = prior, batch, height, width
         self.p = p = prior.kernel_size // 2
         self.c = c = prior.channels
@@ -267,8 +311,9 @@ class IncrementalSampler:
         self.hcols = [list(buf.unbind(0)) for buf in self.hbuf]  # column views [B, C]
         self.vh: list[list[torch.Tensor]] = []  # per layer, per column: [B, 2C] vertical contribution
         self.specs = []
+        # Per layer, the conditions' part of the gates: [B, 2C, 1, 1] or [B, 2C, h, w], or None.
+        self.biases = [None if b is None else b.detach() for b in prior.biases(labels, coarse, (height, width))]
         for layer, buf in zip(prior.layers, self.hbuf[:-1], strict=True):
-            cond = layer.class_bias(labels)
             kw = layer.h_width
             windows = list(buf.unfold(0, kw, 1).unbind(0))  # window ending at column col: [B, C, kw]
             self.specs.append(
@@ -279,7 +324,6 @@ class IncrementalSampler:
                     layer.h_conv.bias.detach(),
                     layer.h_out.weight.detach().reshape(c, c).t().contiguous(),
                     layer.h_out.bias.detach(),
-                    cond[:, :, 0, 0] if isinstance(cond, torch.Tensor) else None,
                     windows,
                 )
             )
@@ -288,28 +332,35 @@ class IncrementalSampler:
         k = prior.num_codes
         self.w2, self.b2 = head[3].weight.detach().reshape(k, c).t().contiguous(), head[3].bias.detach()
 
+    def _bias_of_row(self, i: int, r: int) -> torch.Tensor | None:
+        """Layer i's condition term for row r: [B, 2C, 1, W or 1], or None."""
+        b = self.biases[i]
+        return b if b is None or b.shape[2] == 1 else b[:, :, r : r + 1]
+
     def _first_row(self) -> None:
         self.vh = []
-        for layer, _, _, bh, _, _, cond, _ in self.specs:
-            base = (layer.v_to_h.bias + bh).detach()[None, None, :].expand(self.b, self.w, -1)
+        for i, (layer, _, _, bh, _, _, _) in enumerate(self.specs):
+            base = (layer.v_to_h.bias + bh).detach()[None, None, :]
+            cond = self._bias_of_row(i, 0)
             if cond is not None:
-                base = base + cond[:, None, :]
-            self.vh.append(list(base.unbind(1)))
+                base = base + cond[:, :, 0, :].transpose(1, 2)  # [B, W or 1, 2C]
+            self.vh.append(list(base.expand(self.b, self.w, -1).unbind(1)))
 
-    def _push_row(self, row_codes: torch.Tensor) -> None:
-        """Feed a finished row to the vertical stack; compute its contribution to the next row."""
+    def _push_row(self, row_codes: torch.Tensor, r: int) -> None:
+        """Feed finished row r - 1 to the vertical stack; compute its contribution to row r."""
         x = F.embedding(row_codes, self.emb).permute(0, 2, 1)[:, :, None, :]  # [B, C, 1, W]
         p = self.p
         self.vh = []
-        for i, (layer, _, _, bh, _, _, cond, _) in enumerate(self.specs):
+        for i, (layer, _, _, bh, _, _, _) in enumerate(self.specs):
             self.vbuf[i] = torch.cat([self.vbuf[i][:, :, 1:], x], dim=2)
             v_pre = F.conv2d(F.pad(self.vbuf[i], (p, p, 0, 0)), layer.v_conv.weight, layer.v_conv.bias)
-            if cond is not None:
-                v_pre = v_pre + cond[:, :, None, None]
+            above, here = self._bias_of_row(i, r - 1), self._bias_of_row(i, r)
+            if above is not None:
+                v_pre = v_pre + above
             vh = layer.v_to_h(v_pre)[:, :, 0, :].permute(0, 2, 1) + bh
-            if cond is not None:
-                vh = vh + cond[:, None, :]
-            self.vh.append(list(vh.unbind(1)))
+            if here is not None:
+                vh = vh + here[:, :, 0, :].transpose(1, 2)
+            self.vh.append(list(vh.expand(self.b, self.w, -1).unbind(1)))
             x = gate(v_pre)
 
     def _prefix(self, row_codes: torch.Tensor, end: int) -> None:
@@ -318,7 +369,7 @@ class IncrementalSampler:
         self.hbuf[0][p:] = F.embedding(row_codes, self.emb).transpose(0, 1)
         if end == 0:
             return
-        for i, (_, kw, wh, _, wo, bo, _, _) in enumerate(self.specs):
+        for i, (_, kw, wh, _, wo, bo, _) in enumerate(self.specs):
             windows = self.hbuf[i][: end + kw - 1].unfold(0, kw, 1)  # [end, B, C, kw]
             x = windows.reshape(end, self.b, self.c * kw)
             pre = x @ wh + torch.stack(self.vh[i][:end])
@@ -331,7 +382,7 @@ class IncrementalSampler:
         """Horizontal stack and head at one column of the current row: logits [B, K]."""
         q, b = col + self.p, self.b
         hcols, vh = self.hcols, self.vh
-        for i, (_, _, wh, _, wo, bo, _, windows) in enumerate(self.specs):
+        for i, (_, _, wh, _, wo, bo, windows) in enumerate(self.specs):
             pre = torch.addmm(vh[i][col], windows[col].reshape(b, -1), wh)
             a, g = pre.chunk(2, dim=1)
             g = torch.tanh(a) * torch.sigmoid(g)
@@ -358,7 +409,7 @@ class IncrementalSampler:
         self._first_row()
         for r in range(rows[-1] + 1):
             if r > 0:
-                self._push_row(codes[:, r - 1])
+                self._push_row(codes[:, r - 1], r)
             cols = torch.nonzero(any_mask[r]).flatten().tolist()
             if not cols:
                 continue  # nothing to sample in this row: only the vertical stack needs it

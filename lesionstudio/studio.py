@@ -24,10 +24,10 @@ from PIL import Image
 from . import metrics
 from .data import ImageLoadError, eval_transform, find_images, load_image, to_pil
 from .features import EncoderFeatures, cached, compute, dihedral, feature_transform
+from .hierarchy import inpaint_pair, sample_pair
 from .hub import LATENTS, ModelPair, available_latents, default_source, load_pair
 from .memorization import DEFAULT_THRESHOLD, nearest
 from .plots import codebook_usage_figure
-from .sampling import inpaint, sample
 
 # Upload limits: what the studio accepts before decoding (the README's Limits section).
 MAX_UPLOAD_BYTES = 20 * 2**20
@@ -318,8 +318,8 @@ class Studio:
             if class_name not in prior.class_names or not prior.num_classes:
                 raise StudioError(f"Unknown class {class_name!r}; choose one of {self.class_choices(latent)}.")
             labels = prior.class_names.index(class_name)
-        codes = sample(prior, n, temperature=float(temperature), seed=seed, labels=labels, progress=progress)
-        return [to_pil(img) for img in pair.vqvae.decode_codes(codes)]
+        drawn = sample_pair(pair, n, temperature=float(temperature), seed=seed, labels=labels, progress=progress)
+        return [to_pil(img) for img in pair.vqvae.decode_codes(drawn.codes)]
 
     @torch.no_grad()
     def inpaint(
@@ -342,11 +342,13 @@ class Studio:
             raise StudioError(f"Number of variants must be between 1 and {MAX_SAMPLES}.")
         x = self._tensor(open_upload(image), pair)
         codes = pair.vqvae.encode(x)[0]
+        # A hierarchical prior redraws the coarse grid's codes under the mask first.
+        coarse = pair.coarse.vqvae.encode(x)[0] if pair.coarse is not None else None
         code_mask = mask_to_codes(mask, codes.shape[-1])
         if not bool(code_mask.any()):
             raise StudioError("Paint over the region to change first (the mask is empty).")
-        out = inpaint(pair.prior, codes, code_mask.to(codes.device), temperature=float(temperature), seed=seed,
-                      n=n, progress=progress)  # fmt: skip
+        out = inpaint_pair(pair, codes, code_mask.to(codes.device), coarse, n=n, temperature=float(temperature),
+                           seed=seed, progress=progress)  # fmt: skip
         images = [to_pil(img) for img in pair.vqvae.decode_codes(out)]
         return to_pil(pair.vqvae.decode_codes(codes[None])), images, codes.cpu(), code_mask, list(out.cpu())
 

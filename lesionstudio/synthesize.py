@@ -5,7 +5,8 @@
 
 Writes ``synthetic_000000.png`` ... , ``metadata.csv`` (one row per image: class, latent size,
 temperature, seeds, the models and the SHA-256 of their ``model.safetensors``, bits per code of
-the sampled codes under the prior) and a ``README.md`` saying the images are synthetic.
+the sampled codes under the prior; for a hierarchical prior also the coarse prior that drew the
+layout, and bits per code of the coarse and fine codes together) and a ``README.md`` saying the images are synthetic.
 
 Image i is drawn with its own seed, derived from ``--seed`` and i, so it does not depend on
 which batch it fell in: re-running the same command skips the images that exist (an
@@ -31,14 +32,17 @@ from tqdm import tqdm
 from .codes import file_sha256
 from .data import to_pil
 from .files import atomic_write
+from .hierarchy import pair_nll_bits, sample_pair
 from .hub import LATENTS, ModelPair, load_pair
 from .hubmodel import WEIGHTS_NAME, CheckpointError
-from .sampling import make_generator, resolve_labels, sample
+from .sampling import make_generator, resolve_labels
 
-COLUMNS = ["file", "class", "latent", "temperature", "seed", "index", "image_seed", "bits_per_code",
-           "vqvae", "vqvae_sha256", "prior", "prior_sha256"]  # fmt: skip
+REQUIRED = ["file", "class", "latent", "temperature", "seed", "index", "image_seed", "bits_per_code",
+            "vqvae", "vqvae_sha256", "prior", "prior_sha256"]  # fmt: skip
+# Empty for a plain prior (and absent from folders made before hierarchical priors).
+COLUMNS = REQUIRED + ["coarse_prior", "coarse_prior_sha256"]
 # Columns that must agree between the rows already in a folder and a new run.
-SETTINGS = ["latent", "temperature", "seed", "requested_class", "vqvae_sha256", "prior_sha256"]
+SETTINGS = ["latent", "temperature", "seed", "requested_class", "vqvae_sha256", "prior_sha256", "coarse_prior_sha256"]
 METADATA = "metadata.csv"
 
 
@@ -62,7 +66,7 @@ def read_metadata(path: Path) -> dict[str, dict[str, str]]:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ValueError(f"{path} exists but cannot be read ({exc}); use another --out") from exc
-    if rows and not set(COLUMNS) <= set(rows[0]):
+    if rows and not set(REQUIRED) <= set(rows[0]):
         raise ValueError(f"{path} is not a LesionStudio metadata file; use another --out")
     return {r["file"]: r for r in rows}
 
@@ -86,7 +90,7 @@ or any clinical purpose; models trained on them must be validated on real images
 - latent grid: {settings['latent']}x{settings['latent']}; temperature {settings['temperature']};
   run seed {settings['seed']}; class requested: {settings['requested_class']}
 - VQ-VAE: `{pair.vqvae_dir}` (model.safetensors SHA-256 `{settings['vqvae_sha256']}`)
-- prior: `{pair.prior_dir}` (model.safetensors SHA-256 `{settings['prior_sha256']}`)
+- prior: `{pair.prior_dir}` (model.safetensors SHA-256 `{settings['prior_sha256']}`){_coarse_line(settings)}
 - made with: `{command}`
 - last written: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}
 
@@ -94,6 +98,15 @@ The models were trained on ISIC archive images (research and non-commercial use;
 model cards). Check the set for copies of training images before sharing it:
 `python -m lesionstudio.memorization --generated THIS_FOLDER --train TRAINING_IMAGES`.
 """
+
+
+def _coarse_line(settings: dict[str, str]) -> str:
+    if not settings["coarse_prior"]:
+        return ""
+    return (
+        f"\n- coarse prior, which drew each lesion's layout first: `{settings['coarse_prior']}` "
+        f"(model.safetensors SHA-256 `{settings['coarse_prior_sha256']}`)"
+    )
 
 
 @torch.no_grad()
@@ -136,11 +149,16 @@ def synthesize(
         "vqvae_sha256": file_sha256(Path(pair.vqvae_dir) / WEIGHTS_NAME),
         "prior": str(pair.prior_dir),
         "prior_sha256": file_sha256(Path(pair.prior_dir) / WEIGHTS_NAME),
+        "coarse_prior": "",
+        "coarse_prior_sha256": "",
     }
+    if pair.coarse is not None and pair.coarse.prior_dir is not None:
+        settings["coarse_prior"] = str(pair.coarse.prior_dir)
+        settings["coarse_prior_sha256"] = file_sha256(Path(pair.coarse.prior_dir) / WEIGHTS_NAME)
     rows = read_metadata(out / METADATA)
     for row in rows.values():
         for key in SETTINGS:
-            if row.get(key) != settings[key]:
+            if row.get(key, "") != settings[key]:
                 raise ValueError(f"{out} holds images made with {key}={row.get(key)!r}, not {settings[key]!r}; "
                                  "use another --out (or the same settings to resume)")  # fmt: skip
     todo = [i for i in range(n) if file_name(i) not in rows or not (out / file_name(i)).exists()]
@@ -157,9 +175,9 @@ def synthesize(
         else:
             labels = None
         lab = None if labels is None else labels.to(device)
-        codes = sample(prior, len(batch), temperature=temperature, seed=seeds, labels=lab)
-        bits = prior.nll_bits(codes, lab).cpu()
-        images = vq.decode_codes(codes).cpu()
+        drawn = sample_pair(pair, len(batch), temperature=temperature, seed=seeds, labels=lab)
+        bits = pair_nll_bits(pair, drawn.codes, drawn.coarse, lab).cpu()
+        images = vq.decode_codes(drawn.codes).cpu()
         for j, i in enumerate(batch):
             png = io.BytesIO()
             to_pil(images[j]).save(png, format="PNG")

@@ -174,8 +174,7 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    # The shipped 32x32 prior draws more lesion-like samples than the 64x64 one.
-                    g_latent = gr.Radio(latents, value="32" if "32" in latents else default_latent, label="Latent grid")
+                    g_latent = gr.Radio(latents, value=default_latent, label="Latent grid")
                     g_temp = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Temperature (0 = most likely code)")
                     g_n = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="Number of samples")
                     g_seed = gr.Number(value=0, precision=0, label="Seed")
@@ -196,7 +195,9 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
             gr.Markdown(
                 "Upload a lesion, paint over the region to change, and the prior redraws the codes "
                 "under the paint. It draws in raster order and sees only codes above and to the left, "
-                "so each variant is the best of several fills at meeting the codes kept below and right."
+                "so each variant is the best of several fills at meeting the codes kept below and right. "
+                "A hierarchical prior (the shipped 64x64 one) first redraws the coarse 32x32 codes under "
+                "the paint, which sees the lesion's layout, then fills in the fine codes."
             )
             with gr.Row():
                 with gr.Column(scale=1):

@@ -47,8 +47,11 @@ def write_images(folder: Path, n: int, size: int = 64, start_seed: int = 0) -> l
     return paths
 
 
-def make_pair(root: Path, latent: int, num_codes: int = 16, prior_codes: int | None = None) -> None:
-    """A tiny untrained VQ-VAE + class-conditional prior pair in root/vqvae-N, root/pixelcnn-N."""
+def make_pair(
+    root: Path, latent: int, num_codes: int = 16, prior_codes: int | None = None, coarse: int = 0
+) -> None:
+    """A tiny untrained VQ-VAE + class-conditional prior pair in root/vqvae-N, root/pixelcnn-N
+    (the prior hierarchical on root/vqvae-{coarse}'s codes when coarse is given)."""
     from lesionstudio.pixelcnn import GatedPixelCNN
     from lesionstudio.vqvae import VQVAE
 
@@ -60,7 +63,11 @@ def make_pair(root: Path, latent: int, num_codes: int = 16, prior_codes: int | N
         json.dumps({"num_codes": num_codes, "counts": list(range(num_codes))})
     )
     prior = GatedPixelCNN(num_codes=prior_codes or num_codes, channels=8, num_layers=2, num_classes=2,
-                          grid_size=latent, code_dim=4, class_names=["benign", "malignant"])  # fmt: skip
+                          grid_size=latent, code_dim=4, class_names=["benign", "malignant"],
+                          cond_num_codes=num_codes if coarse else 0, cond_grid_size=coarse)  # fmt: skip
+    if coarse:  # random condition weights (they start at zero), so the coarse codes matter
+        for layer in prior.layers:
+            torch.nn.init.normal_(layer.cond_proj.weight, std=0.5)
     prior.save_pretrained(root / f"pixelcnn-{latent}")
 
 

@@ -44,6 +44,8 @@ def test_shipped_pair_loads_from_its_folders_and_through_hub(latent: int):
     assert pair.vqvae_dir == CHECKPOINTS / f"vqvae-{latent}" and pair.usage is not None
     for a, b in zip(vq.state_dict().values(), pair.vqvae.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+    if prior.hierarchical:  # it fills in the shipped coarser pair's grid
+        assert pair.coarse is not None and pair.coarse.vqvae_dir == CHECKPOINTS / f"vqvae-{prior.cond_grid_size}"
 
 
 def test_shipped_32_pair_through_a_local_hub_server(tmp_path: Path):

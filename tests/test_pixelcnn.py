@@ -25,8 +25,9 @@ def dependence(prior: GatedPixelCNN, r: int, c: int, size: int = 8) -> torch.Ten
     x = prior.embedding(codes).permute(0, 3, 1, 2).detach().requires_grad_(True)
     v = h = x
     labels = torch.zeros(1, dtype=torch.long) if prior.num_classes else None
-    for layer in prior.layers:
-        v, h = layer(v, h, labels)
+    coarse = torch.randint(0, prior.cond_num_codes, (1, size // 2, size // 2)) if prior.hierarchical else None
+    for layer, bias in zip(prior.layers, prior.biases(labels, coarse, (size, size)), strict=True):
+        v, h = layer(v, h, bias)
     prior.head(h)[0, :, r, c].sum().backward()
     return x.grad[0].abs().sum(0) > 0
 

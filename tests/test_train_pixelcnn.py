@@ -87,3 +87,33 @@ def test_torchrun_two_cpu_processes(tiny_vqvae: Path, image_folder: Path, tmp_pa
     assert res.returncode == 0, res.stderr[-3000:]
     assert [r["epoch"] for r in records(out)] == [1]
     GatedPixelCNN.from_pretrained(out / "final")
+
+
+def test_hierarchical_prior_on_a_coarse_vqvae(tiny_vqvae: Path, image_folder: Path, tmp_path: Path):
+    torch.manual_seed(1)
+    coarse_vq = VQVAE(hidden_channels=16, res_channels=8, num_res_blocks=1, downsample=8, num_codes=8, code_dim=8,
+                      image_size=64, init_from_data=False)  # fmt: skip
+    coarse_vq.save_pretrained(tmp_path / "cvq")
+    plain = tmp_path / "plain"
+    train(tiny_vqvae, image_folder, plain, 1)
+    out = tmp_path / "hier"
+    res = train(tiny_vqvae, image_folder, out, 2, "--coarse-vqvae", str(tmp_path / "cvq"), "--init-from",
+                str(plain / "final"))  # fmt: skip
+    assert "on 8x8 coarse codes" in res.stdout
+    with np.load(out / "coarse_codes.npz", allow_pickle=False) as z:
+        assert z["codes"].shape == (16, 8, 8)
+    prior = GatedPixelCNN.from_pretrained(out / "final")
+    assert prior.hierarchical and (prior.cond_num_codes, prior.cond_grid_size) == (8, 8)
+    # training moved the coarse condition off its zero start: the coarse codes change the logits
+    codes = torch.randint(0, 32, (2, 16, 16))
+    coarse = torch.randint(0, 8, (2, 8, 8))
+    assert not torch.allclose(prior(codes, torch.tensor([0, 1]), coarse), prior(codes, torch.tensor([0, 1]),
+                                                                               (coarse + 1) % 8))  # fmt: skip
+    assert (out / "samples_epoch002.png").exists()
+    # a warm start's shape must match; crops cannot keep the coarse grid aligned
+    res = run_module(cli(tiny_vqvae, image_folder, tmp_path / "bad", 1, "--init-from", str(plain / "final"),
+                         "--layers", "4"))  # fmt: skip
+    assert res.returncode != 0 and "different architecture: num_layers 3 vs 4" in res.stderr
+    res = run_module(cli(tiny_vqvae, image_folder, tmp_path / "bad2", 1, "--coarse-vqvae", str(tmp_path / "cvq"),
+                         "--crop", "8"))  # fmt: skip
+    assert res.returncode != 0 and "--crop is not supported" in res.stderr

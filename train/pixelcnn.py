@@ -3,7 +3,12 @@
     python -m train.pixelcnn --vqvae runs/vq64/final --data ../shared/data/isic256/train \\
         --labels ../shared/data/isic256/MANIFEST.csv --out runs/px64 --epochs 20 --crop 32
 
-The images are encoded once (cached in OUT/codes.npz). Each epoch writes (rank 0 only)
+With --coarse-vqvae (a VQ-VAE of the same images with a smaller grid, e.g. runs/vq32/final for
+a 64x64 prior) the prior becomes hierarchical: it is conditioned on the coarse codes of each
+image, and sampling draws the coarse grid first with that VQ-VAE's own prior. --init-from
+starts from a trained prior of the same shape (new conditioning layers start at zero).
+
+The images are encoded once (cached in OUT/codes.npz, and OUT/coarse_codes.npz). Each epoch writes (rank 0 only)
 OUT/metrics.jsonl, OUT/curves.html, OUT/samples_epochNNN.png and an atomic OUT/checkpoint.pt;
 --resume continues from it; the end exports OUT/final/ with save_pretrained.
 """
@@ -48,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crop", type=int, default=0, help="train on random SxS crops of the code grid (0: whole)")
+    p.add_argument("--coarse-vqvae", default=None, help="condition on this coarser-grid VQ-VAE's codes of each image")
+    p.add_argument("--init-from", default=None, help="start from this trained prior's weights (same architecture)")
     p.add_argument("--channels", type=int, default=128)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--kernel", type=int, default=5)
@@ -58,15 +65,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def encode_dataset(args: argparse.Namespace, vq: VQVAE, device: torch.device) -> tuple[CodeSet, list[str]]:
+def encode_dataset(
+    args: argparse.Namespace, vq: VQVAE, device: torch.device, cache: str = "codes.npz"
+) -> tuple[CodeSet, list[str]]:
     ds = LesionImageFolder(
         args.data, transform=eval_transform(vq.image_size), labels_csv=args.labels, label_column=args.label_column
     )
     if args.limit is not None and args.limit < len(ds):
         perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed)).tolist()
         ds = ds.subset(sorted(perm[: args.limit]))
-    codes = load_or_extract(args.out / "codes.npz", vq, ds, codes_key(vq), device)
+    codes = load_or_extract(args.out / cache, vq, ds, codes_key(vq), device)
     return codes, ds.classes
+
+
+def load_coarse_vqvae(path: str, vq: VQVAE, device: torch.device) -> VQVAE:
+    coarse = VQVAE.from_pretrained(path).to(device).eval()
+    fine, small = vq.latent_size, coarse.latent_size
+    if coarse.image_size != vq.image_size or fine % small or small >= fine:
+        raise SystemExit(
+            f"--coarse-vqvae {path} must encode the same {vq.image_size}px images to a grid that divides "
+            f"{vq.latent_size}x{vq.latent_size}; it makes {coarse.latent_size}x{coarse.latent_size} "
+            f"from {coarse.image_size}px"
+        )
+    return coarse
+
+
+def init_from(model: GatedPixelCNN, path: str) -> None:
+    """Copy a trained prior's weights; only the coarse-condition layers may be new (they stay zero)."""
+    src = GatedPixelCNN.from_pretrained(path)
+    keys = ("num_codes", "channels", "num_layers", "kernel_size", "num_classes")
+    diff = [f"{k} {src.config[k]} vs {model.config[k]}" for k in keys if src.config[k] != model.config[k]]
+    if diff:
+        raise SystemExit(f"--init-from {path} has a different architecture: " + "; ".join(diff))
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    new = [k for k in missing if not (k.startswith("condition.") or ".cond_proj." in k)]
+    if new or unexpected:
+        raise SystemExit(f"--init-from {path}: weights do not fit (missing {new}, unexpected {unexpected})")
 
 
 def random_crops(codes: torch.Tensor, size: int, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -80,14 +114,21 @@ def random_crops(codes: torch.Tensor, size: int, gen: torch.Generator | None = N
 
 
 @torch.no_grad()
-def bits_per_code(model: GatedPixelCNN, codes: torch.Tensor, labels: torch.Tensor | None, bs: int = 32) -> float:
-    """Mean negative log-likelihood in bits per code over full grids."""
+def bits_per_code(
+    model: GatedPixelCNN,
+    codes: torch.Tensor,
+    labels: torch.Tensor | None,
+    coarse: torch.Tensor | None = None,
+    bs: int = 32,
+) -> float:
+    """Mean negative log-likelihood in bits per code over full grids (given the coarse grids)."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(codes), bs):
         c = codes[i : i + bs]
         lab = None if labels is None else labels[i : i + bs]
-        total += float(model.nll_bits(c, lab).sum()) * c[0].numel()
+        cg = None if coarse is None else coarse[i : i + bs]
+        total += float(model.nll_bits(c, lab, cg).sum()) * c[0].numel()
         count += c.numel()
     return total / max(count, 1)
 
@@ -101,24 +142,42 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
     if d.is_main:
         common.check_output_dir(out, need_bytes=200 * 2**20)
     vq = VQVAE.from_pretrained(args.vqvae).to(device).eval()
-    codeset, classes = encode_dataset(args, vq, device) if d.is_main else (None, None)
+    coarse_vq = load_coarse_vqvae(args.coarse_vqvae, vq, device) if args.coarse_vqvae else None
+    if coarse_vq is not None and args.crop:
+        raise SystemExit("--crop is not supported with --coarse-vqvae: train on whole grids")
+
+    def encode_all() -> tuple[CodeSet, CodeSet | None, list[str]]:
+        codeset, classes = encode_dataset(args, vq, device)
+        coarse_set = None if coarse_vq is None else encode_dataset(args, coarse_vq, device, "coarse_codes.npz")[0]
+        if coarse_set is not None and coarse_set.files != codeset.files:
+            raise SystemExit("the two VQ-VAEs read different images (a file became unreadable?); delete the caches")
+        return codeset, coarse_set, classes
+
+    encoded = encode_all() if d.is_main else None
     if d.enabled:  # rank 0 encoded (and cached) the codes; the others read the cache
         torch.distributed.barrier()
         if not d.is_main:
-            codeset, classes = encode_dataset(args, vq, device)
-    assert codeset is not None and classes is not None
+            encoded = encode_all()
+    assert encoded is not None
+    codeset, coarse_set, classes = encoded
     codes = torch.from_numpy(codeset.codes.astype("int64"))
     labels = torch.from_numpy(codeset.labels)
+    # Without a coarse VQ-VAE, a [N, 1, 1] placeholder keeps one code path (never used).
+    coarse = torch.zeros(len(codes), 1, 1, dtype=torch.long)
+    if coarse_set is not None:
+        coarse = torch.from_numpy(coarse_set.codes.astype("int64"))
     conditional = args.labels is not None
     if conditional:
         known = labels >= 0
         if not bool(known.all()):
             print(f"dropping {int((~known).sum())} images without a label")
-            codes, labels = codes[known], labels[known]
+            codes, labels, coarse = codes[known], labels[known], coarse[known]
     train_idx, val_idx = split_indices(len(codes), args.val_fraction, seed=args.seed)
     train_codes, val_codes = codes[train_idx], codes[val_idx]
     train_labels, val_labels = labels[train_idx], labels[val_idx]
+    train_coarse, val_coarse = coarse[train_idx], coarse[val_idx]
     grid = codes.shape[1]
+    hier = coarse_vq is not None
 
     common.seed_everything(args.seed)
     model = GatedPixelCNN(
@@ -131,19 +190,24 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
         code_dim=vq.code_dim,
         class_names=classes if conditional else None,
         class_counts=[int((train_labels == i).sum()) for i in range(len(classes))] if conditional else None,
+        cond_num_codes=coarse_vq.num_codes if coarse_vq is not None else 0,
+        cond_grid_size=coarse_vq.latent_size if coarse_vq is not None else 0,
     ).to(device)
+    if args.init_from and not args.resume:
+        init_from(model, args.init_from)
     steps_per_epoch = max(1, len(train_codes) // (args.batch_size * d.world_size))
     opt = common.Optimization.create(model, args.lr, steps_per_epoch * args.epochs, args.warmup_steps, device)
     start_epoch = opt.resume(out, args.resume, device, d.is_main)
 
     unigram = entropy_bits(usage_histogram(train_codes, vq.num_codes))
     net = DistributedDataParallel(model) if d.enabled else model
-    dataset = TensorDataset(train_codes, train_labels)
+    dataset = TensorDataset(train_codes, train_labels, train_coarse)
     if d.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(
             f"{len(train_codes)} training / {len(val_codes)} validation grids of {grid}x{grid} codes, "
             f"K={vq.num_codes}, {'classes ' + ', '.join(classes) if conditional else 'unconditional'}, "
+            f"{f'on {coarse.shape[1]}x{coarse.shape[2]} coarse codes, ' if hier else ''}"
             f"{n_params / 1e6:.2f} M params, unigram entropy {unigram:.3f} bits/code, {device}"
         )
 
@@ -155,11 +219,12 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
         total, n_steps, n_codes = 0.0, 0, 0
         t0 = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not d.is_main, mininterval=2)
-        for batch_codes, batch_labels in bar:
+        for batch_codes, batch_labels, batch_coarse in bar:
             batch_codes = random_crops(batch_codes, args.crop).to(device)
             lab = batch_labels.to(device) if conditional else None
+            cg = batch_coarse.to(device) if hier else None
             with opt.autocast():
-                logits = net(batch_codes, lab)
+                logits = net(batch_codes, lab, cg)
             loss = F.cross_entropy(logits.float(), batch_codes)
             common.check_finite(loss, epoch, n_steps, out)
             opt.step(loss)
@@ -170,7 +235,12 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
         elapsed = time.time() - t0
         if not d.is_main:
             continue
-        val_bits = bits_per_code(model, val_codes.to(device), val_labels.to(device) if conditional else None)
+        val_bits = bits_per_code(
+            model,
+            val_codes.to(device),
+            val_labels.to(device) if conditional else None,
+            val_coarse.to(device) if hier else None,
+        )
         record = {
             "epoch": epoch + 1,
             "epoch_seconds": elapsed,
@@ -189,7 +259,16 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
         )
         if args.samples:
             model.eval()
-            grids = sample(model, args.samples, shape=(grid, grid), seed=args.seed + epoch)
+            # A hierarchical prior fills in the coarse codes of the first validation images.
+            n = min(args.samples, len(val_coarse)) if hier else args.samples
+            grids = sample(
+                model,
+                n,
+                shape=(grid, grid),
+                seed=args.seed + epoch,
+                labels=val_labels[:n] if hier and conditional else None,
+                coarse=val_coarse[:n].to(device) if hier else None,
+            )
             save_image(vq.decode_codes(grids).cpu(), out / f"samples_epoch{epoch + 1:03d}.png", nrow=args.samples)
         opt.save(out / common.CHECKPOINT, epoch + 1)
         print(
