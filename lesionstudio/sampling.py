@@ -311,8 +311,13 @@ class IncrementalSampler:
         self.hcols = [list(buf.unbind(0)) for buf in self.hbuf]  # column views [B, C]
         self.vh: list[list[torch.Tensor]] = []  # per layer, per column: [B, 2C] vertical contribution
         self.specs = []
-        # Per layer, the conditions' part of the gates: [B, 2C, 1, 1] or [B, 2C, h, w], or None.
-        self.biases = [None if b is None else b.detach() for b in prior.biases(labels, coarse, (height, width))]
+        # The conditions' part of the gates. The coarse grid's is made row by row from its
+        # features ([B, C, h, w]): kept per layer ([B, 2C, h, w] each) it would take hundreds of MB.
+        self.labels = labels
+        self.coarse_feats = None
+        if coarse is not None and prior.condition is not None:
+            self.coarse_feats = prior.condition(coarse, (height, width)).detach()
+        self.class_biases = [layer.bias(labels, None) for layer in prior.layers]
         for layer, buf in zip(prior.layers, self.hbuf[:-1], strict=True):
             kw = layer.h_width
             windows = list(buf.unfold(0, kw, 1).unbind(0))  # window ending at column col: [B, C, kw]
@@ -334,8 +339,9 @@ class IncrementalSampler:
 
     def _bias_of_row(self, i: int, r: int) -> torch.Tensor | None:
         """Layer i's condition term for row r: [B, 2C, 1, W or 1], or None."""
-        b = self.biases[i]
-        return b if b is None or b.shape[2] == 1 else b[:, :, r : r + 1]
+        if self.coarse_feats is None:
+            return self.class_biases[i]
+        return self.prior.layers[i].bias(self.labels, self.coarse_feats[:, :, r : r + 1])
 
     def _first_row(self) -> None:
         self.vh = []
