@@ -110,6 +110,14 @@ def test_hierarchical_prior_on_a_coarse_vqvae(tiny_vqvae: Path, image_folder: Pa
     assert not torch.allclose(prior(codes, torch.tensor([0, 1]), coarse), prior(codes, torch.tensor([0, 1]),
                                                                                (coarse + 1) % 8))  # fmt: skip
     assert (out / "samples_epoch002.png").exists()
+    # --resume takes the run's own checkpoint even when --init-from is still given (nothing left
+    # to train: the export is the checkpoint's weights, not the warm start's)
+    before = prior.state_dict()
+    train(tiny_vqvae, image_folder, out, 2, "--coarse-vqvae", str(tmp_path / "cvq"), "--init-from",
+          str(plain / "final"), "--resume")  # fmt: skip
+    after = GatedPixelCNN.from_pretrained(out / "final").state_dict()
+    assert [r["epoch"] for r in records(out)] == [1, 2]
+    assert all(torch.equal(before[k], after[k]) for k in before)
     # a warm start's shape must match; crops cannot keep the coarse grid aligned
     res = run_module(cli(tiny_vqvae, image_folder, tmp_path / "bad", 1, "--init-from", str(plain / "final"),
                          "--layers", "4"))  # fmt: skip

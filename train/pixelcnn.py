@@ -193,7 +193,7 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
         cond_num_codes=coarse_vq.num_codes if coarse_vq is not None else 0,
         cond_grid_size=coarse_vq.latent_size if coarse_vq is not None else 0,
     ).to(device)
-    if args.init_from and not args.resume:
+    if args.init_from:  # a --resume checkpoint, when there is one, then replaces these weights
         init_from(model, args.init_from)
     steps_per_epoch = max(1, len(train_codes) // (args.batch_size * d.world_size))
     opt = common.Optimization.create(model, args.lr, steps_per_epoch * args.epochs, args.warmup_steps, device)
