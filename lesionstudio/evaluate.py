@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import metrics
 from .data import LesionImageFolder, collate_skip_bad, eval_transform, split_indices
-from .hierarchy import pair_nll_bits
+from .hierarchy import pair_bits_parts
 from .hub import ModelPair, check_coarse_pair, check_pair
 from .pixelcnn import GatedPixelCNN
 from .vqvae import VQVAE
@@ -69,15 +69,17 @@ def prior_bits(
 
 
 @torch.no_grad()
-def joint_bits(
+def hierarchical_bits(
     pair: ModelPair, codes: torch.Tensor, coarse: torch.Tensor, labels: torch.Tensor | None, batch_size: int = 16
-) -> float:
-    """Mean -log2 p(coarse, fine) per fine code of a hierarchical pair."""
-    total = 0.0
+) -> dict[str, float]:
+    """Means over the grids of a hierarchical pair's joint, fine-given-coarse and coarse bits."""
+    sums = torch.zeros(3, dtype=torch.float64)
     for i in range(0, len(codes), batch_size):
         lab = None if labels is None else labels[i : i + batch_size]
-        total += float(pair_nll_bits(pair, codes[i : i + batch_size], coarse[i : i + batch_size], lab).sum())
-    return total / max(len(codes), 1)
+        parts = pair_bits_parts(pair, codes[i : i + batch_size], coarse[i : i + batch_size], lab)
+        sums += torch.stack([p.double().sum() for p in parts]).cpu()
+    means = (sums / max(len(codes), 1)).tolist()
+    return dict(zip(("bits_per_code", "fine_given_coarse_bits", "coarse_bits_per_code"), means, strict=True))
 
 
 @torch.no_grad()
@@ -134,9 +136,7 @@ def evaluate(
         cg = torch.cat(all_coarse).to(device)
         pair = ModelPair(vqvae.latent_size, vqvae, prior.to(device), "", Path(), None, coarse=coarse)
         lab = None if labels is None else labels.to(device)
-        result["bits_per_code"] = joint_bits(pair, codes.to(device), cg, lab, batch_size)
-        result["fine_given_coarse_bits"] = prior_bits(prior, codes.to(device), lab, batch_size, coarse=cg)
-        result["coarse_bits_per_code"] = prior_bits(coarse.prior.to(device), cg, lab, batch_size)
+        result |= hierarchical_bits(pair, codes.to(device), cg, lab, batch_size)
     return result
 
 
@@ -198,8 +198,11 @@ def load_coarse(args: argparse.Namespace, prior: GatedPixelCNN, device: str) -> 
     beside = Path(args.prior).parent
     vq_path = args.coarse_vqvae or beside / f"vqvae-{g}"
     prior_path = args.coarse_prior or beside / f"pixelcnn-{g}"
-    for what, path, flag in (("VQ-VAE", vq_path, "--coarse-vqvae"), ("prior", prior_path, "--coarse-prior")):
-        if not getattr(args, flag[2:].replace("-", "_")) and not Path(path).is_dir():
+    for what, given, path, flag in (
+        ("VQ-VAE", args.coarse_vqvae, vq_path, "--coarse-vqvae"),
+        ("prior", args.coarse_prior, prior_path, "--coarse-prior"),
+    ):
+        if not given and not Path(path).is_dir():
             raise SystemExit(f"{args.prior} is a hierarchical prior: give its coarse {what} with {flag} "
                              f"(no {path} beside it)")  # fmt: skip
     cvq = VQVAE.from_pretrained(vq_path).to(device).eval()

@@ -13,7 +13,6 @@ finer one; the fine stage uses its own noise (``fine_seed``).
 
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass
 
@@ -22,7 +21,17 @@ import torch.nn.functional as F
 
 from .hub import ModelPair
 from .pixelcnn import GatedPixelCNN
-from .sampling import LabelsArg, Progress, SeedArg, inpaint, make_generator, make_generators, resolve_labels, sample
+from .sampling import (
+    LabelsArg,
+    Progress,
+    SeedArg,
+    inpaint,
+    make_generator,
+    make_generators,
+    per_variant,
+    resolve_labels,
+    sample,
+)
 
 FINE_SEED_OFFSET = 1_000_003  # keeps the fine stage's noise apart from the coarse stage's
 
@@ -126,12 +135,8 @@ def inpaint_pair(
     coarse = coarse[None] if coarse.ndim == 2 else coarse
     b = codes.shape[0]
     seed = secrets.randbelow(2**31) if seed is None else seed
-    per_variant = labels
-    if labels is not None:
-        lab = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        per_variant = lab.repeat_interleave(n) if lab.numel() == b and n > 1 else lab
     # One class per variant, shared by both stages.
-    lab = resolve_labels(prior, b * n, per_variant, make_generator(seed))
+    lab = resolve_labels(prior, b * n, None if labels is None else per_variant(labels, b, n), make_generator(seed))
     coarse_prior = prior_of(coarse_pair)
     cmask = coarse_mask(mask, coarse.shape[-1])
     part = float(cmask.sum()) / max(float(cmask.sum() + mask.sum()), 1.0)
@@ -159,17 +164,25 @@ def pair_nll_bits(
         return prior.nll_bits(codes, labels)
     if coarse is None:
         raise ValueError("scoring with a hierarchical prior needs the coarse codes of the images (coarse=)")
-    coarse_prior = prior_of(coarse_pair)
+    return pair_bits_parts(pair, codes, coarse, labels)[0]
 
-    def joint(lab: torch.Tensor | None) -> torch.Tensor:
-        coarse_ll = coarse_prior.log_likelihood(coarse, lab).flatten(1).sum(1)
-        return coarse_ll + prior.log_likelihood(codes, lab, coarse).flatten(1).sum(1)
 
-    if prior.num_classes and labels is None:
-        per_class = [joint(torch.full((codes.shape[0],), c, dtype=torch.long, device=codes.device))
-                     for c in range(prior.num_classes)]  # fmt: skip
-        log_prior = prior.class_probabilities().to(codes.device).log().float()
-        total = torch.logsumexp(torch.stack(per_class, 1) + log_prior, dim=1)
-    else:
-        total = joint(labels)
-    return -total / codes[0].numel() / math.log(2)
+@torch.no_grad()
+def pair_bits_parts(
+    pair: ModelPair, codes: torch.Tensor, coarse: torch.Tensor, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a hierarchical pair, from one pass of each prior: the joint bits per fine code
+    (``pair_nll_bits``), the fine grid's bits per fine code given the coarse grid, and the coarse
+    grid's bits per coarse code; each [B], classes marginalised when labels is None."""
+    coarse_pair = coarse_of(pair)
+    if coarse_pair is None:
+        raise ValueError("pair_bits_parts scores a hierarchical pair; use pair_nll_bits for a plain one")
+    prior, coarse_prior = prior_of(pair), prior_of(coarse_pair)
+    fine_ll = prior.grid_log_likelihoods(codes, labels, coarse)
+    coarse_ll = coarse_prior.grid_log_likelihoods(coarse, labels)
+    n = codes[0].numel()
+    return (
+        prior.bits_from(fine_ll + coarse_ll, n),
+        prior.bits_from(fine_ll, n),
+        coarse_prior.bits_from(coarse_ll, coarse[0].numel()),
+    )

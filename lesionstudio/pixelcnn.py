@@ -183,6 +183,10 @@ class GatedPixelCNN(
                 raise ValueError("this prior is unconditional; pass labels=None")
             if labels.shape != (codes.shape[0],) or int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
                 raise ValueError(f"labels must be [B] class ids in [0, {self.num_classes})")
+        self.check_coarse(tuple(codes.shape), coarse)
+
+    def check_coarse(self, shape: tuple[int, ...], coarse: torch.Tensor | None) -> None:
+        """The coarse grid a [B, h, w] grid needs: None for a plain prior, else codes that tile it."""
         if not self.hierarchical:
             if coarse is not None:
                 raise ValueError("this prior is not conditioned on a coarse grid; pass coarse=None")
@@ -192,7 +196,7 @@ class GatedPixelCNN(
                 f"this prior is conditioned on a {self.cond_grid_size}x{self.cond_grid_size} coarse code grid; "
                 "pass coarse=[B, hc, wc] codes"
             )
-        check_coarse(codes.shape, coarse, self.cond_num_codes)
+        check_coarse(shape, coarse, self.cond_num_codes)
 
     def biases(
         self, labels: torch.Tensor | None, coarse: torch.Tensor | None, size: tuple[int, int]
@@ -224,26 +228,33 @@ class GatedPixelCNN(
         return -F.cross_entropy(logits, codes.long(), reduction="none")
 
     @torch.no_grad()
-    def nll_bits(
+    def grid_log_likelihoods(
         self, codes: torch.Tensor, labels: torch.Tensor | None = None, coarse: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Negative log-likelihood of each grid in bits per code, shape [B] (given the coarse
-        grid, for a hierarchical prior).
-
-        On a class-conditional prior without labels, the class is marginalised out:
-        p(codes) = sum_c p(c) p(codes | c).
-        """
-        n = codes[0].numel()
+        """log p(grid) in nats: [B, 1] given the labels (or for an unconditional prior), else
+        [B, num_classes], one column per class. Columns of two priors add up to a joint."""
         if self.num_classes and labels is None:
             per_class = []
             for c in range(self.num_classes):
                 lab = torch.full((codes.shape[0],), c, dtype=torch.long, device=codes.device)
                 per_class.append(self.log_likelihood(codes, lab, coarse).flatten(1).sum(1))
-            log_prior = self.class_probabilities().to(codes.device).log().float()
-            total = torch.logsumexp(torch.stack(per_class, 1) + log_prior, dim=1)
-        else:
-            total = self.log_likelihood(codes, labels, coarse).flatten(1).sum(1)
-        return -total / n / math.log(2)
+            return torch.stack(per_class, 1)
+        return self.log_likelihood(codes, labels, coarse).flatten(1).sum(1, keepdim=True)
+
+    def bits_from(self, totals: torch.Tensor, n: int) -> torch.Tensor:
+        """Bits per code [B] from grid_log_likelihoods columns over n codes; several class
+        columns are marginalised out at the training frequencies: p = sum_c p(c) p(. | c)."""
+        if totals.shape[1] > 1:
+            totals = totals + self.class_probabilities().to(totals.device).log().float()
+        return -torch.logsumexp(totals, dim=1) / n / math.log(2)
+
+    @torch.no_grad()
+    def nll_bits(
+        self, codes: torch.Tensor, labels: torch.Tensor | None = None, coarse: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Negative log-likelihood of each grid in bits per code, shape [B] (given the coarse
+        grid, for a hierarchical prior; the class marginalised out when labels is None)."""
+        return self.bits_from(self.grid_log_likelihoods(codes, labels, coarse), codes[0].numel())
 
 
 def check_coarse(shape: torch.Size | tuple[int, ...], coarse: torch.Tensor, num_codes: int) -> None:

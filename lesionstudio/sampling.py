@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .pixelcnn import GatedPixelCNN, check_coarse, gate
+from .pixelcnn import GatedPixelCNN, gate
 
 Progress = Callable[[float], None]
 LabelsArg = int | Sequence[int] | torch.Tensor | None
@@ -132,16 +132,9 @@ def sample(
 def _check_coarse(
     prior: GatedPixelCNN, shape: tuple[int, int, int], coarse: torch.Tensor | None
 ) -> torch.Tensor | None:
-    if not prior.hierarchical:
-        if coarse is not None:
-            raise ValueError("this prior is not conditioned on a coarse grid; pass coarse=None")
-        return None
-    if coarse is None:
-        raise ValueError(
-            f"this prior fills in a {prior.cond_grid_size}x{prior.cond_grid_size} coarse grid: pass coarse= codes"
-        )
-    coarse = torch.as_tensor(coarse).to(prior.embedding.weight.device).long()
-    check_coarse(shape, coarse, prior.cond_num_codes)
+    if coarse is not None:
+        coarse = torch.as_tensor(coarse).to(prior.embedding.weight.device).long()
+    prior.check_coarse(shape, coarse)  # a clear error when one is missing or does not fit
     return coarse
 
 
@@ -187,7 +180,7 @@ def inpaint(
             coarse = coarse.repeat_interleave(n, dim=0)
     coarse = _check_coarse(prior, (b * n, *codes.shape[1:]), coarse)
     gen = make_generator(seed)
-    lab = resolve_labels(prior, b * n, labels if labels is None else _per_variant(labels, b, n), gen)
+    lab = resolve_labels(prior, b * n, labels if labels is None else per_variant(labels, b, n), gen)
     m = candidates
     rep = n * m  # candidates of one variant adjacent, variants of one input adjacent
     grid = codes.repeat_interleave(rep, dim=0)
@@ -202,7 +195,8 @@ def inpaint(
     return filled.view(b * n, m, *filled.shape[1:])[torch.arange(b * n, device=device), best]
 
 
-def _per_variant(labels: LabelsArg, b: int, n: int) -> torch.Tensor:
+def per_variant(labels: LabelsArg, b: int, n: int) -> torch.Tensor:
+    """Labels for b grids (or one per variant already) repeated for n variants of each."""
     lab = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if lab.numel() == b and b != b * n:
         lab = lab.repeat_interleave(n)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from lesionstudio.codes import CodeSet, codes_key, load_or_extract
 from lesionstudio.data import LesionImageFolder, eval_transform, split_indices
+from lesionstudio.evaluate import prior_bits
 from lesionstudio.metrics import entropy_bits, usage_histogram
 from lesionstudio.pixelcnn import GatedPixelCNN
 from lesionstudio.plots import write_curves
@@ -111,26 +112,6 @@ def random_crops(codes: torch.Tensor, size: int, gen: torch.Generator | None = N
     ys = torch.randint(0, h - size + 1, (b,), generator=gen)
     xs = torch.randint(0, w - size + 1, (b,), generator=gen)
     return torch.stack([codes[i, y : y + size, x : x + size] for i, (y, x) in enumerate(zip(ys, xs, strict=True))])
-
-
-@torch.no_grad()
-def bits_per_code(
-    model: GatedPixelCNN,
-    codes: torch.Tensor,
-    labels: torch.Tensor | None,
-    coarse: torch.Tensor | None = None,
-    bs: int = 32,
-) -> float:
-    """Mean negative log-likelihood in bits per code over full grids (given the coarse grids)."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(codes), bs):
-        c = codes[i : i + bs]
-        lab = None if labels is None else labels[i : i + bs]
-        cg = None if coarse is None else coarse[i : i + bs]
-        total += float(model.nll_bits(c, lab, cg).sum()) * c[0].numel()
-        count += c.numel()
-    return total / max(count, 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,11 +216,12 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
         elapsed = time.time() - t0
         if not d.is_main:
             continue
-        val_bits = bits_per_code(
+        val_bits = prior_bits(
             model,
             val_codes.to(device),
             val_labels.to(device) if conditional else None,
-            val_coarse.to(device) if hier else None,
+            batch_size=32,
+            coarse=val_coarse.to(device) if hier else None,
         )
         record = {
             "epoch": epoch + 1,
