@@ -145,6 +145,14 @@ def train_transform(
     return v2.Compose(steps)
 
 
+def dihedral_variant(images: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th of the 8 flips and right-angle rotations of images [..., H, W] (k = 0: unchanged)."""
+    if not 0 <= k < 8:
+        raise ValueError(f"dihedral variant must be in [0, 8), got {k}")
+    x = images.flip(-1) if k >= 4 else images
+    return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
+
+
 def preprocess(img: Image.Image | str | Path, size: int = 256) -> torch.Tensor:
     """One image (path or PIL) to a [1, 3, size, size] tensor in [0, 1], as the models expect."""
     return eval_transform(size)(load_image(img)).unsqueeze(0)
@@ -314,6 +322,16 @@ def collate_skip_bad(items: list[tuple[torch.Tensor, int] | None]) -> Batch:
     images = torch.stack([it[0] for it in good])
     labels = torch.tensor([it[1] for it in good], dtype=torch.long)
     return Batch(images, labels, skipped)
+
+
+def split_files(files: Sequence[Path], split: str, val_fraction: float = 0.1, seed: int = 0) -> list[Path]:
+    """The trainers' "train" or "val" split of a file list (the same seeded split), or "all"."""
+    if split == "all":
+        return list(files)
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be all, train or val, got {split!r}")
+    train_idx, val_idx = split_indices(len(files), val_fraction, seed)
+    return [files[i] for i in (val_idx if split == "val" else train_idx)]
 
 
 def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from . import metrics
 from .data import LesionImageFolder, collate_skip_bad, eval_transform, split_indices
-from .hierarchy import pair_bits_parts
-from .hub import ModelPair, check_coarse_pair, check_pair
+from .hub import check_coarse_stack, check_pair, load_stack_from
+from .hubmodel import CheckpointError
 from .pixelcnn import GatedPixelCNN
+from .stack import ModelStack, stack_bits
 from .vqvae import VQVAE
 
 
@@ -69,16 +70,18 @@ def prior_bits(
 
 
 @torch.no_grad()
-def hierarchical_bits(
-    pair: ModelPair, codes: torch.Tensor, coarse: torch.Tensor, labels: torch.Tensor | None, batch_size: int = 16
+def stack_bit_means(
+    stack: ModelStack, codes: list[torch.Tensor], labels: torch.Tensor | None, batch_size: int = 16
 ) -> dict[str, float]:
-    """Means over the grids of a hierarchical pair's joint, fine-given-coarse and coarse bits."""
+    """Means over the images of a hierarchical stack's joint bits per finest code, the finest
+    grid's bits given the level below, and the coarser levels' joint bits per code of theirs."""
     sums = torch.zeros(3, dtype=torch.float64)
-    for i in range(0, len(codes), batch_size):
+    for i in range(0, len(codes[-1]), batch_size):
         lab = None if labels is None else labels[i : i + batch_size]
-        parts = pair_bits_parts(pair, codes[i : i + batch_size], coarse[i : i + batch_size], lab)
-        sums += torch.stack([p.double().sum() for p in parts]).cpu()
-    means = (sums / max(len(codes), 1)).tolist()
+        bits = stack_bits(stack, [c[i : i + batch_size] for c in codes], lab)
+        assert bits.coarse_joint is not None
+        sums += torch.stack([p.double().sum() for p in (bits.joint, bits.finest_given_coarse, bits.coarse_joint)])
+    means = (sums / max(len(codes[-1]), 1)).tolist()
     return dict(zip(("bits_per_code", "fine_given_coarse_bits", "coarse_bits_per_code"), means, strict=True))
 
 
@@ -91,15 +94,17 @@ def evaluate(
     batch_size: int = 16,
     use_labels: bool = False,
     limit: int | None = None,
-    coarse: ModelPair | None = None,
+    coarse: ModelStack | None = None,
 ) -> dict:
     """Mean PSNR and SSIM of the reconstructions, codebook usage and (with a prior) bits per
     code over a data set (its transform should be the eval transform), first `limit` images.
-    A hierarchical prior needs ``coarse``, its coarse VQ-VAE and prior."""
+    A hierarchical prior needs ``coarse``, the stack of coarser levels it fills in."""
     vqvae.eval()
     if prior is not None and prior.hierarchical and (coarse is None or coarse.prior is None):
-        raise ValueError("a hierarchical prior is scored with its coarse VQ-VAE and prior (coarse=)")
-    psnrs, ssims, all_codes, all_labels, all_coarse = [], [], [], [], []
+        raise ValueError("a hierarchical prior is scored with its coarser levels (coarse=)")
+    psnrs, ssims, all_codes, all_labels = [], [], [], []
+    hier = prior is not None and prior.hierarchical and coarse is not None
+    all_coarse: list[list[torch.Tensor]] = []
     for batch in tqdm(_loader(dataset, limit, batch_size), desc="evaluating", unit="batch", mininterval=2):
         if batch.images.numel() == 0:
             continue
@@ -109,8 +114,9 @@ def evaluate(
         ssims.append(metrics.ssim(recon, images).cpu())
         all_codes.append(codes.cpu())
         all_labels.append(batch.labels)
-        if prior is not None and prior.hierarchical and coarse is not None:
-            all_coarse.append(coarse.vqvae.encode(images).cpu())
+        if hier:
+            assert coarse is not None
+            all_coarse.append([c.cpu() for c in coarse.encode(images)])
     if not psnrs:
         raise ValueError("no readable images to evaluate")
     codes = torch.cat(all_codes)
@@ -132,11 +138,10 @@ def evaluate(
         if not prior.hierarchical:
             result["bits_per_code"] = prior_bits(prior.to(device), codes.to(device), labels, batch_size)
             return result
-        assert coarse is not None and coarse.prior is not None
-        cg = torch.cat(all_coarse).to(device)
-        pair = ModelPair(vqvae.latent_size, vqvae, prior.to(device), "", Path(), None, coarse=coarse)
+        stack = ModelStack(vqvae.latent_size, vqvae, prior.to(device), "", Path(), None, coarse=coarse)
+        levels = [torch.cat(grids).to(device) for grids in zip(*all_coarse, strict=True)] + [codes.to(device)]
         lab = None if labels is None else labels.to(device)
-        result |= hierarchical_bits(pair, codes.to(device), cg, lab, batch_size)
+        result |= stack_bit_means(stack, levels, lab, batch_size)
     return result
 
 
@@ -163,10 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     vq = VQVAE.from_pretrained(args.vqvae).to(device)
     prior = GatedPixelCNN.from_pretrained(args.prior).to(device) if args.prior else None
     coarse = None
-    if prior is not None:
-        check_pair(vq, prior, args.vqvae, args.prior)
-        if prior.hierarchical:
-            coarse = load_coarse(args, prior, device)
+    try:
+        if prior is not None:
+            check_pair(vq, prior, args.vqvae, args.prior)
+            if prior.hierarchical:
+                coarse = load_coarse(args.prior, prior, args.coarse_vqvae, args.coarse_prior, device)
+    except CheckpointError as exc:
+        raise SystemExit(f"error: {exc}") from exc
     ds = LesionImageFolder(args.data, transform=eval_transform(vq.image_size), labels_csv=args.labels)
     if args.split != "all":
         train_idx, val_idx = split_indices(len(ds), args.val_fraction, seed=args.seed)
@@ -192,24 +200,28 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({k: r[k] for k in keys} | {k: r[k] for k in extra if k in r}))
 
 
-def load_coarse(args: argparse.Namespace, prior: GatedPixelCNN, device: str) -> ModelPair:
-    """The coarse VQ-VAE and prior a hierarchical prior fills in: given, or beside the prior."""
+def load_coarse(
+    prior_dir: str | Path,
+    prior: GatedPixelCNN,
+    coarse_vqvae: str | Path | None = None,
+    coarse_prior: str | Path | None = None,
+    device: str = "cpu",
+) -> ModelStack:
+    """The coarser levels a hierarchical prior fills in: the given coarse VQ-VAE and prior (their
+    own coarser levels beside them), or ``vqvae-N`` / ``pixelcnn-N`` beside the prior."""
     g = prior.cond_grid_size
-    beside = Path(args.prior).parent
-    vq_path = args.coarse_vqvae or beside / f"vqvae-{g}"
-    prior_path = args.coarse_prior or beside / f"pixelcnn-{g}"
+    beside = Path(prior_dir).parent
+    vq_path = Path(coarse_vqvae or beside / f"vqvae-{g}")
+    prior_path = Path(coarse_prior or beside / f"pixelcnn-{g}")
     for what, given, path, flag in (
-        ("VQ-VAE", args.coarse_vqvae, vq_path, "--coarse-vqvae"),
-        ("prior", args.coarse_prior, prior_path, "--coarse-prior"),
+        ("VQ-VAE", coarse_vqvae, vq_path, "--coarse-vqvae"),
+        ("prior", coarse_prior, prior_path, "--coarse-prior"),
     ):
-        if not given and not Path(path).is_dir():
-            raise SystemExit(f"{args.prior} is a hierarchical prior: give its coarse {what} with {flag} "
-                             f"(no {path} beside it)")  # fmt: skip
-    cvq = VQVAE.from_pretrained(vq_path).to(device).eval()
-    cprior = GatedPixelCNN.from_pretrained(prior_path).to(device).eval()
-    check_pair(cvq, cprior, vq_path, prior_path)
-    coarse = ModelPair(g, cvq, cprior, "", Path(vq_path), Path(prior_path))
-    check_coarse_pair(prior, args.prior, coarse)
+        if not given and not path.is_dir():
+            raise CheckpointError(f"{prior_dir} is a hierarchical prior: give its coarse {what} with {flag} "
+                                  f"(no {path} beside it)")  # fmt: skip
+    coarse = load_stack_from(vq_path, prior_path, device=device)
+    check_coarse_stack(prior, prior_dir, coarse)
     return coarse
 
 

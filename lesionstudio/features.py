@@ -36,9 +36,9 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from .codes import state_sha256
-from .data import load_image
+from .data import dihedral_variant, load_image
 from .files import atomic_write
-from .hub import load_pair
+from .hub import load_stack
 from .hubmodel import CheckpointError
 from .vqvae import VQVAE
 
@@ -93,11 +93,7 @@ def pixel_features(images: torch.Tensor, size: int = PIXEL_SIZE) -> torch.Tensor
 
 def dihedral(images: torch.Tensor) -> list[torch.Tensor]:
     """The 8 flips and right-angle rotations of a batch (a copy may come back turned or mirrored)."""
-    out = []
-    for flip in (False, True):
-        x = images.flip(-1) if flip else images
-        out += [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
-    return out
+    return [dihedral_variant(images, k) for k in range(8)]
 
 
 @dataclass
@@ -215,7 +211,7 @@ def feature_model(path: str | None, source: str | None, generated_dir: Path | No
     last: Exception | None = None
     for latent in order:
         try:
-            pair = load_pair(latent, source, require_prior=False)
+            pair = load_stack(latent, source, require_prior=False)
         except (CheckpointError, OSError, ValueError) as exc:  # try the next latent size
             last = exc
             continue

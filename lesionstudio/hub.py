@@ -1,10 +1,10 @@
-"""Find and load a matching VQ-VAE + prior pair for a latent size.
+"""Find and load the stack of VQ-VAE + prior levels for a latent size.
 
 A checkpoints source is a folder (or a Hugging Face Hub repo laid out the same way) holding
 ``vqvae-{latent}/`` and ``pixelcnn-{latent}/`` model folders, each with config.json and
 model.safetensors (plus ``codebook_usage.json`` beside a VQ-VAE). A hierarchical prior (one
 conditioned on a coarser grid, e.g. ``pixelcnn-64`` on the codes of ``vqvae-32``) needs the
-coarse pair from the same source, which is loaded with it as ``ModelPair.coarse``. Where no source is given it
+coarser levels from the same source, loaded with it as ``ModelStack.coarse`` (recursively). Where no source is given it
 is, in order: ``$LESIONSTUDIO_CHECKPOINTS``, then the bundled ``checkpoints/``. Hub downloads
 go through ``huggingface_hub`` and so honour ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``
 and the cache. Only safetensors and JSON are ever read.
@@ -15,33 +15,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+from .critic import RealismCritic
 from .hubmodel import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 from .pixelcnn import GatedPixelCNN
+from .stack import ModelStack
 from .vqvae import VQVAE
 
 ENV_VAR = "LESIONSTUDIO_CHECKPOINTS"
 BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints"
-LATENTS = (32, 64, 128)
+LATENTS = (16, 32, 64, 128)  # code-grid sides for a 256 px image
 USAGE_NAME = "codebook_usage.json"
-
-
-@dataclass
-class ModelPair:
-    latent: int
-    vqvae: VQVAE
-    prior: GatedPixelCNN | None
-    source: str
-    vqvae_dir: Path
-    prior_dir: Path | None
-    usage: list[int] | None = field(default=None, repr=False)
-    coarse: ModelPair | None = field(default=None, repr=False)  # what a hierarchical prior fills in
+CRITIC_NAME = "critic"  # the realism critic's folder in a checkpoints source
 
 
 def default_source() -> Path:
@@ -107,22 +97,19 @@ def check_pair(vq: VQVAE, prior: GatedPixelCNN, vq_dir: Path | str, prior_dir: P
         raise CheckpointError(f"prior {prior_dir} does not match VQ-VAE {vq_dir}: " + "; ".join(problems))
 
 
-def check_coarse_pair(prior: GatedPixelCNN, prior_dir: Path | str, coarse: ModelPair) -> None:
-    """Raise CheckpointError when a hierarchical prior cannot fill in this coarse pair."""
+def check_coarse_stack(prior: GatedPixelCNN, prior_dir: Path | str, coarse: ModelStack) -> None:
+    """Raise CheckpointError when a hierarchical prior cannot fill in this coarse stack."""
     problems = []
     cvq = coarse.vqvae
     if cvq.num_codes != prior.cond_num_codes:
         problems.append(f"coarse codebook size K: prior expects {prior.cond_num_codes}, VQ-VAE has {cvq.num_codes}")
     if cvq.latent_size != prior.cond_grid_size:
         problems.append(f"coarse grid: prior expects {prior.cond_grid_size}, VQ-VAE makes {cvq.latent_size}")
-    if coarse.prior is not None:
-        if coarse.prior.hierarchical:
-            problems.append(f"the coarse prior {coarse.prior_dir} is itself hierarchical (two levels at most)")
-        if coarse.prior.class_names != prior.class_names:
-            problems.append(f"classes: {prior.class_names} vs coarse prior's {coarse.prior.class_names}")
+    if coarse.prior is not None and coarse.prior.class_names != prior.class_names:
+        problems.append(f"classes: {prior.class_names} vs coarse prior's {coarse.prior.class_names}")
     if problems:
         raise CheckpointError(
-            f"prior {prior_dir} does not fit the coarse pair {coarse.vqvae_dir}: " + "; ".join(problems)
+            f"prior {prior_dir} does not fit the coarse stack {coarse.vqvae_dir}: " + "; ".join(problems)
         )
 
 
@@ -139,13 +126,13 @@ def read_usage(folder: Path, num_codes: int) -> list[int] | None:
     return counts
 
 
-def load_pair(
+def load_stack(
     latent: int = 64,
     source: str | Path | None = None,
     device: torch.device | str = "cpu",
     require_prior: bool = True,
     revision: str | None = None,
-) -> ModelPair:
+) -> ModelStack:
     """Load the VQ-VAE and prior for a latent size from a folder, $LESIONSTUDIO_CHECKPOINTS, the
     bundled checkpoints or a Hub repo id; mismatched or broken checkpoints are clear errors."""
     if latent not in LATENTS:
@@ -158,20 +145,53 @@ def load_pair(
     if vq.latent_size != latent:
         raise CheckpointError(f"{vq_dir} makes a {vq.latent_size}x{vq.latent_size} grid, not {latent}x{latent}")
     prior_dir = _local_model_dir(source, f"pixelcnn-{latent}", revision)
+    if prior_dir is None and require_prior:
+        raise CheckpointError(f"{source} has no pixelcnn-{latent}/ prior for its vqvae-{latent}")
+    stack = _assemble(vq, vq_dir, prior_dir, source, device, revision)
+    stack.critic = load_critic(source, device, revision)
+    return stack
+
+
+def load_critic(
+    source: str | Path | None = None, device: torch.device | str = "cpu", revision: str | None = None
+) -> RealismCritic | None:
+    """The realism critic of a checkpoints source (``critic/``), or None when it has none."""
+    source = default_source() if source is None else source
+    folder = _local_model_dir(source, CRITIC_NAME, revision)
+    return None if folder is None else RealismCritic.from_pretrained(folder).to(device).eval()
+
+
+def load_stack_from(
+    vqvae_dir: str | Path, prior_dir: str | Path, coarse_source: str | Path | None = None, device: str = "cpu"
+) -> ModelStack:
+    """A stack from a VQ-VAE folder and a prior folder; a hierarchical prior's coarser levels come
+    from ``coarse_source`` (by default the folder that holds the prior)."""
+    vq = VQVAE.from_pretrained(vqvae_dir).to(device).eval()
+    source = Path(prior_dir).parent if coarse_source is None else coarse_source
+    return _assemble(vq, Path(vqvae_dir), Path(prior_dir), source, device, None)
+
+
+def _assemble(
+    vq: VQVAE,
+    vq_dir: Path,
+    prior_dir: Path | None,
+    source: str | Path,
+    device: torch.device | str,
+    revision: str | None,
+) -> ModelStack:
+    """The level of vq (with the prior in prior_dir, if any) on top of the coarser levels its prior needs."""
     prior, coarse = None, None
     if prior_dir is not None:
         prior = GatedPixelCNN.from_pretrained(prior_dir).to(device).eval()
         check_pair(vq, prior, vq_dir, prior_dir)
         if prior.hierarchical:
             try:
-                coarse = load_pair(prior.cond_grid_size, source, device, require_prior=True, revision=revision)
+                coarse = load_stack(prior.cond_grid_size, source, device, require_prior=True, revision=revision)
             except (CheckpointError, ValueError) as exc:
                 raise CheckpointError(
                     f"prior {prior_dir} fills in a {prior.cond_grid_size}x{prior.cond_grid_size} coarse grid, "
-                    f"but its coarse pair cannot be loaded: {exc}"
+                    f"but its coarser levels cannot be loaded from {source}: {exc}"
                 ) from exc
-            check_coarse_pair(prior, prior_dir, coarse)
-    elif require_prior:
-        raise CheckpointError(f"{source} has no pixelcnn-{latent}/ prior for its vqvae-{latent}")
+            check_coarse_stack(prior, prior_dir, coarse)
     usage = read_usage(vq_dir, vq.num_codes)
-    return ModelPair(latent, vq, prior, str(source), vq_dir, prior_dir, usage, coarse)
+    return ModelStack(vq.latent_size, vq, prior, str(source), vq_dir, prior_dir, usage, coarse)

@@ -15,6 +15,13 @@ downloads), also the standard **Inception FID** and KID on 2048-d pool features 
 torch-fidelity's port of the TensorFlow FID network). The file is read as tensors only
 (safetensors, or a PyTorch state dict loaded with ``weights_only=True``).
 
+With ``--c2st``, also a classifier two-sample test (``lesionstudio.twosample``): accuracy of a
+small CNN telling real from generated on held-out halves, by layout (whole image downscaled)
+and by texture (full-resolution crops); 0.5 = indistinguishable. ``--c2st-calibrate`` prints
+what it scores for known differences instead: two halves of the real set, real vs the other
+half blurred (sigma 1 px), and with ``--reconstruct-with VQVAE`` real vs that VQ-VAE's
+reconstructions of the other half.
+
 Frechet distances are biased upwards for small sets, so the floor and the comparison use sets
 of equal size n = min(real / 2, generated): give at least twice as many real images as
 generated ones where you can.
@@ -34,9 +41,12 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from .data import eval_transform, find_images, load_image
+from .critic import FitSettings
+from .data import ImageLoadError, eval_transform, find_images, load_image, split_files
 from .features import EncoderFeatures, compute, feature_model
 from .hubmodel import CheckpointError
+from .twosample import TwoSampleResult, blurred, load_uint8, two_sample_test
+from .vqvae import VQVAE
 
 
 class _Given(nn.Module):
@@ -135,27 +145,94 @@ def report(
     return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in out.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
+@torch.no_grad()
+def reconstructions(images: torch.Tensor, vqvae: VQVAE, batch_size: int = 16) -> torch.Tensor:
+    """uint8 images through a VQ-VAE and back."""
+    out = [vqvae.reconstruct(images[i : i + batch_size].float() / 255)[0] for i in range(0, len(images), batch_size)]
+    return (torch.cat(out) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def c2st_calibration(
+    real_files: list[Path], settings: FitSettings, vqvae: VQVAE | None = None
+) -> dict[str, TwoSampleResult]:
+    """The test on known differences: real vs real, vs blurred real, vs reconstructions (halves
+    of the real set, so no image is compared with its own copy)."""
+    real = load_uint8(real_files)
+    gen = torch.Generator().manual_seed(settings.seed)
+    perm = torch.randperm(len(real), generator=gen)
+    a, b = real[perm[: len(real) // 2]], real[perm[len(real) // 2 :]]
+    rows = {"real vs real": two_sample_test(a, b, settings), "real vs blurred real (sigma 1 px)":
+            two_sample_test(a, blurred(b, 1.0), settings)}  # fmt: skip
+    if vqvae is not None:
+        rows[f"real vs {vqvae.latent_size}x{vqvae.latent_size} VQ-VAE reconstructions"] = two_sample_test(
+            a, reconstructions(b, vqvae), settings
+        )
+    return rows
+
+
+def print_c2st(name: str, r: TwoSampleResult) -> None:
+    print(f"C2ST {name}: layout {r.layout_accuracy:.3f}, texture {r.texture_accuracy:.3f} "
+          f"(+- {r.standard_error:.3f}; {r.train_per_set} + {r.train_per_set} to train, "
+          f"{r.test_per_set} + {r.test_per_set} to test, {r.seconds:.0f} s)")  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lesionstudio.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--real", type=Path, required=True, help="held-out real images (not the training set)")
-    p.add_argument("--generated", type=Path, required=True, help="generated images")
+    p.add_argument("--real-split", choices=("all", "train", "val"), default="all",
+                   help="the trainers' split of --real (val: the images they held out)")  # fmt: skip
+    p.add_argument("--generated", type=Path, default=None, help="generated images")
     p.add_argument("--limit", type=int, default=None, help="use at most N images of each folder")
     p.add_argument("--feature-model", default=None,
                    help="VQ-VAE folder (default: shipped vqvae-32, or vqvae-64 for 32x32 samples)")
     p.add_argument("--checkpoints", default=None, help="checkpoints folder or Hub repo for the default model")
     p.add_argument("--inception-weights", default=None, help="local FID Inception weights: adds Inception FID")
+    p.add_argument("--c2st", action="store_true", help="add the classifier two-sample test")
+    p.add_argument("--c2st-only", action="store_true", help="the classifier two-sample test alone (no FD-VQ)")
+    p.add_argument("--c2st-calibrate", action="store_true", help="C2ST of the real set against known differences")
+    p.add_argument("--reconstruct-with", default=None, help="VQ-VAE folder for the calibration's reconstructions")
+    p.add_argument("--c2st-epochs", type=int, default=FitSettings.epochs)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     args = p.parse_args(argv)
+    if args.generated is None and not args.c2st_calibrate:
+        p.error("--generated is required (except with --c2st-calibrate)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = FitSettings(epochs=args.c2st_epochs, seed=args.seed)
     try:
-        real_files = find_images(args.real)[: args.limit]
+        real_files = split_files(find_images(args.real), args.real_split)[: args.limit]
+        if args.c2st_calibrate:
+            vq = VQVAE.from_pretrained(args.reconstruct_with).eval() if args.reconstruct_with else None
+            rows = c2st_calibration(real_files, settings, vq)
+            for name, r in rows.items():
+                print_c2st(name, r)
+            if args.json:
+                print(json.dumps({name: r.as_dict() for name, r in rows.items()}))
+            return
         fake_files = find_images(args.generated)[: args.limit]
         if len(real_files) < 4 or len(fake_files) < 2:
             raise ValueError("need at least 4 real and 2 generated images")
-        extractor = EncoderFeatures(feature_model(args.feature_model, args.checkpoints, args.generated),
-                                    pooling="stats")
-        out = report(real_files, fake_files, extractor, args.inception_weights)
-    except (FileNotFoundError, ValueError, CheckpointError) as exc:
+        out: dict = {}
+        if not args.c2st_only:
+            extractor = EncoderFeatures(feature_model(args.feature_model, args.checkpoints, args.generated),
+                                        pooling="stats")  # fmt: skip
+            out = report(real_files, fake_files, extractor, args.inception_weights)
+            print_distances(out)
+        if args.c2st or args.c2st_only:
+            r = two_sample_test(load_uint8(real_files), load_uint8(fake_files), settings)
+            print_c2st(f"{len(real_files)} real vs {len(fake_files)} generated", r)
+            out["c2st"] = r.as_dict()
+    except (FileNotFoundError, ValueError, CheckpointError, ImageLoadError) as exc:
         raise SystemExit(f"error: {exc}") from exc
+    if args.json:
+        print(json.dumps(out))
+
+
+def print_distances(out: dict) -> None:
     print(f"{out['real_images']} real vs {out['generated_images']} generated images")
     n = out["compared_set_size"]
     print(f"FD-VQ  (VQ-VAE encoder statistics, not Inception FID): {out['fd_vq']:.4f}")
@@ -166,8 +243,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Inception FID: {out['inception_fid']:.3f}   Inception KID: {out['inception_kid']:.5f}")
     else:
         print("Inception FID: not computed (pass --inception-weights PATH to a local FID Inception weights file)")
-    if args.json:
-        print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ The two compute the same sums in a different order, so they agree to rounding (e
 practice; in float64 the tests check it on many grids).
 
 A hierarchical prior (conditioned on a coarser grid of the same image) takes that grid as
-``coarse=`` in both; drawing the coarse grid first is ``lesionstudio.hierarchy``'s job.
+``coarse=`` in both; drawing the levels in turn is ``lesionstudio.stack``'s job.
 """
 
 from __future__ import annotations

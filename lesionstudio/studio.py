@@ -24,15 +24,20 @@ from PIL import Image
 from . import metrics
 from .data import ImageLoadError, eval_transform, find_images, load_image, to_pil
 from .features import EncoderFeatures, cached, compute, dihedral, feature_transform
-from .hierarchy import inpaint_pair, sample_pair
-from .hub import LATENTS, ModelPair, available_latents, default_source, load_pair
+from .hub import LATENTS, available_latents, default_source, load_critic, load_stack
 from .memorization import DEFAULT_THRESHOLD, nearest
 from .plots import codebook_usage_figure
+from .stack import ModelStack, inpaint_stack, sample_ranked, sample_stack
 
 # Upload limits: what the studio accepts before decoding (the README's Limits section).
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000
 MAX_SAMPLES = 16
+MAX_CANDIDATES = 8  # per sample: the batch drawn is samples x candidates
+# The Generate tab's defaults: what measured best within the time limits (README, "Realism").
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_DETAIL_TEMPERATURE = 1.0
+DEFAULT_CANDIDATES = 4
 REFERENCE_IMAGES = 64  # data images whose nearest other data image sets the typical distance
 
 
@@ -132,25 +137,26 @@ class Studio:
         self.data_files = find_images(data_dir)[:data_limit] if data_dir else []
         self._data_codes: dict[int, torch.Tensor] = {}
         self._atlases: dict[tuple[int, int], Image.Image] = {}
-        self._pairs: dict[int, ModelPair] = {}
+        self._pairs: dict[int, ModelStack] = {}
         self._neighbours: NeighbourIndex | None = None
         self._index_lock = threading.Lock()  # building the index takes a while: not under self._lock
         self._lock = threading.Lock()
         # A latent size with a VQ-VAE but no prior still serves Reconstruct and Codebook.
         self.latents = available_latents(self.source, require_prior=False)
+        self.has_critic = load_critic(self.source) is not None
         if not self.latents:
             raise StudioError(f"no VQ-VAE checkpoints (vqvae-32/, vqvae-64/, vqvae-128/) found in {self.source}")
 
-    def pair(self, latent: int | str) -> ModelPair:
+    def pair(self, latent: int | str) -> ModelStack:
         latent = int(latent)
         if latent not in self.latents:
             raise StudioError(f"Latent size {latent} is not available; choose one of {self.latents}.")
         with self._lock:
             if latent not in self._pairs:
-                self._pairs[latent] = load_pair(latent, self.source, device=self.device, require_prior=False)
+                self._pairs[latent] = load_stack(latent, self.source, device=self.device, require_prior=False)
             return self._pairs[latent]
 
-    def _tensor(self, img: Image.Image, pair: ModelPair) -> torch.Tensor:
+    def _tensor(self, img: Image.Image, pair: ModelStack) -> torch.Tensor:
         return eval_transform(pair.vqvae.image_size)(img).unsqueeze(0).to(self.device)
 
     @torch.no_grad()
@@ -305,7 +311,12 @@ class Studio:
         seed: int | None = 0,
         class_name: str = "any",
         progress: Callable[[float], None] | None = None,
+        detail_temperature: float | None = None,
+        candidates: int = 1,
     ) -> list[Image.Image]:
+        """n samples; ``temperature`` is the coarsest level's (the layout), ``detail_temperature``
+        every finer level's (default: the same); ``candidates`` > 1 keeps the best-scored of that
+        many per sample (the stack's realism critic)."""
         pair = self.pair(latent)
         prior = pair.prior
         if prior is None:
@@ -318,7 +329,16 @@ class Studio:
             if class_name not in prior.class_names or not prior.num_classes:
                 raise StudioError(f"Unknown class {class_name!r}; choose one of {self.class_choices(latent)}.")
             labels = prior.class_names.index(class_name)
-        drawn = sample_pair(pair, n, temperature=float(temperature), seed=seed, labels=labels, progress=progress)
+        candidates = int(candidates)
+        if not 1 <= candidates <= MAX_CANDIDATES:
+            raise StudioError(f"Candidates per sample must be between 1 and {MAX_CANDIDATES}.")
+        if candidates > 1 and pair.critic is None:
+            raise StudioError(f"Ranking candidates needs a realism critic (critic/) in {self.source}.")
+        temps = (float(temperature), float(temperature if detail_temperature is None else detail_temperature))
+        if candidates > 1:
+            drawn = sample_ranked(pair, n, candidates, temperature=temps, seed=seed, labels=labels, progress=progress)
+        else:
+            drawn = sample_stack(pair, n, temperature=temps, seed=seed, labels=labels, progress=progress)
         return [to_pil(img) for img in pair.vqvae.decode_codes(drawn.codes)]
 
     @torch.no_grad()
@@ -342,13 +362,13 @@ class Studio:
             raise StudioError(f"Number of variants must be between 1 and {MAX_SAMPLES}.")
         x = self._tensor(open_upload(image), pair)
         codes = pair.vqvae.encode(x)[0]
-        # A hierarchical prior redraws the coarse grid's codes under the mask first.
-        coarse = pair.coarse.vqvae.encode(x)[0] if pair.coarse is not None else None
+        # A hierarchical stack redraws the coarser grids' codes under the mask first.
+        levels = [c[0] for c in pair.encode(x)]
         code_mask = mask_to_codes(mask, codes.shape[-1])
         if not bool(code_mask.any()):
             raise StudioError("Paint over the region to change first (the mask is empty).")
-        out = inpaint_pair(pair, codes, code_mask.to(codes.device), coarse, n=n, temperature=float(temperature),
-                           seed=seed, progress=progress)  # fmt: skip
+        out = inpaint_stack(pair, levels, code_mask.to(codes.device), n=n, temperature=float(temperature),
+                            seed=seed, progress=progress)  # fmt: skip
         images = [to_pil(img) for img in pair.vqvae.decode_codes(out)]
         return to_pil(pair.vqvae.decode_codes(codes[None])), images, codes.cpu(), code_mask, list(out.cpu())
 

@@ -1,12 +1,15 @@
 """Write a labelled synthetic lesion data set with a record of how each image was made.
 
     python -m lesionstudio.synthesize --n 200 --out synth/ [--latent 64] [--class malignant]
-        [--temperature 1.0] [--seed 0] [--batch-size 8] [--checkpoints DIR | --hub REPO]
+        [--temperature 1.0] [--detail-temperature T] [--candidates M] [--seed 0] [--batch-size 8]
+        [--checkpoints DIR | --hub REPO]
 
 Writes ``synthetic_000000.png`` ... , ``metadata.csv`` (one row per image: class, latent size,
-temperature, seeds, the models and the SHA-256 of their ``model.safetensors``, bits per code of
-the sampled codes under the prior; for a hierarchical prior also the coarse prior that drew the
-layout, and bits per code of the coarse and fine codes together) and a ``README.md`` saying the images are synthetic.
+temperatures, seeds, the models and the SHA-256 of their ``model.safetensors``, bits per code of
+the sampled codes under the stack (all levels together); for a stack of several levels also its
+coarser priors, which drew the layout; with a realism critic beside the checkpoints, each image's
+realism score and how many candidates it was chosen from) and a ``README.md`` saying the images
+are synthetic.
 
 Image i is drawn with its own seed, derived from ``--seed`` and i, so it does not depend on
 which batch it fell in: re-running the same command skips the images that exist (an
@@ -29,20 +32,25 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .codes import file_sha256
+from .codes import file_sha256, state_sha256
 from .data import to_pil
 from .files import atomic_write
-from .hierarchy import pair_nll_bits, sample_pair
-from .hub import LATENTS, ModelPair, load_pair
+from .hub import LATENTS, load_stack
 from .hubmodel import WEIGHTS_NAME, CheckpointError
 from .sampling import make_generator, resolve_labels
+from .stack import ModelStack, sample_ranked, sample_stack, stack_nll_bits
 
 REQUIRED = ["file", "class", "latent", "temperature", "seed", "index", "image_seed", "bits_per_code",
             "vqvae", "vqvae_sha256", "prior", "prior_sha256"]  # fmt: skip
-# Empty for a plain prior (and absent from folders made before hierarchical priors).
-COLUMNS = REQUIRED + ["coarse_prior", "coarse_prior_sha256"]
+# Empty for a plain prior or without a critic (and absent from folders made before them).
+OPTIONAL = ["coarse_prior", "coarse_prior_sha256", "detail_temperature", "candidates", "critic_sha256",
+            "realism_score"]  # fmt: skip
+COLUMNS = REQUIRED + OPTIONAL
 # Columns that must agree between the rows already in a folder and a new run.
-SETTINGS = ["latent", "temperature", "seed", "requested_class", "vqvae_sha256", "prior_sha256", "coarse_prior_sha256"]
+SETTINGS = ["latent", "temperature", "seed", "requested_class", "vqvae_sha256", "prior_sha256", "coarse_prior_sha256",
+            "detail_temperature", "candidates", "critic_sha256"]  # fmt: skip
+# What a folder made before a column existed holds for it (so it still resumes).
+DEFAULTS = {"detail_temperature": "", "candidates": "1", "critic_sha256": ""}
 METADATA = "metadata.csv"
 
 
@@ -51,6 +59,11 @@ def image_seed(seed: int, index: int) -> int:
     seeds never share an image seed, unlike seed + index would)."""
     digest = hashlib.sha256(f"lesionstudio-synthesize:{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def critic_sha256(stack: ModelStack) -> str:
+    """SHA-256 of the critic's weights as loaded (it may come from a Hub cache), or "" without one."""
+    return "" if stack.critic is None else state_sha256(stack.critic)
 
 
 def file_name(index: int) -> str:
@@ -79,7 +92,7 @@ def _write_metadata(path: Path, rows: dict[str, dict[str, str]]) -> None:
     atomic_write(path, buf.getvalue().encode())
 
 
-def _readme(settings: dict[str, str], pair: ModelPair, count: int, command: str) -> str:
+def _readme(settings: dict[str, str], pair: ModelStack, count: int, command: str) -> str:
     return f"""# Synthetic dermoscopic lesion images (LesionStudio)
 
 **Every image in this folder is synthetic**: sampled from a Gated PixelCNN prior over VQ-VAE
@@ -101,34 +114,45 @@ model cards). Check the set for copies of training images before sharing it:
 
 
 def _coarse_line(settings: dict[str, str]) -> str:
-    if not settings["coarse_prior"]:
-        return ""
-    return (
-        f"\n- coarse prior, which drew each lesion's layout first: `{settings['coarse_prior']}` "
-        f"(model.safetensors SHA-256 `{settings['coarse_prior_sha256']}`)"
-    )
+    lines = ""
+    if settings["coarse_prior"]:
+        lines += (f"\n- coarse prior, which drew each lesion's layout first: `{settings['coarse_prior']}` "
+                  f"(model.safetensors SHA-256 `{settings['coarse_prior_sha256']}`)")  # fmt: skip
+    if settings["critic_sha256"]:
+        lines += (f"\n- each image the best of {settings['candidates']} candidates by the realism critic "
+                  f"(model.safetensors SHA-256 `{settings['critic_sha256']}`; score in `realism_score`)")  # fmt: skip
+    return lines
 
 
 @torch.no_grad()
 def synthesize(
     out: str | Path,
     n: int,
-    pair: ModelPair,
+    pair: ModelStack,
     class_name: str = "any",
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 8,
     command: str = "",
     show_progress: bool = True,
+    detail_temperature: float | None = None,
+    candidates: int = 1,
 ) -> list[dict[str, str]]:
-    """Make images 0..n-1 in `out` that are not there yet; returns all n metadata rows."""
+    """Make images 0..n-1 in `out` that are not there yet; returns all n metadata rows.
+
+    ``detail_temperature`` (default: ``temperature``) is that of every level but the coarsest;
+    with ``candidates`` > 1 each image is the best-scored of that many (the stack needs a critic)."""
     prior, vq = pair.prior, pair.vqvae
     if prior is None:
         raise CheckpointError(f"no prior for the {pair.latent}x{pair.latent} grid in {pair.source}")
     if n < 1 or batch_size < 1:
         raise ValueError("--n and --batch-size must be at least 1")
-    if not temperature > 0:
-        raise ValueError(f"--temperature must be positive, got {temperature}")
+    if not temperature > 0 or (detail_temperature is not None and not detail_temperature > 0):
+        raise ValueError(f"temperatures must be positive, got {temperature} and {detail_temperature}")
+    if candidates < 1:
+        raise ValueError(f"--candidates must be at least 1, got {candidates}")
+    if candidates > 1 and pair.critic is None:
+        raise CheckpointError(f"--candidates {candidates} needs a realism critic (critic/) in {pair.source}")
     fixed_label = None
     if class_name not in ("", "any", None):
         if not prior.num_classes:
@@ -149,16 +173,18 @@ def synthesize(
         "vqvae_sha256": file_sha256(Path(pair.vqvae_dir) / WEIGHTS_NAME),
         "prior": str(pair.prior_dir),
         "prior_sha256": file_sha256(Path(pair.prior_dir) / WEIGHTS_NAME),
-        "coarse_prior": "",
-        "coarse_prior_sha256": "",
+        # Every coarser level, finest first.
+        "coarse_prior": ";".join(str(lv.prior_dir) for lv in reversed(pair.levels[:-1])),
+        "coarse_prior_sha256": ";".join(file_sha256(Path(lv.prior_dir) / WEIGHTS_NAME)
+                                        for lv in reversed(pair.levels[:-1]) if lv.prior_dir),  # fmt: skip
+        "detail_temperature": "" if detail_temperature is None else repr(float(detail_temperature)),
+        "candidates": str(candidates),
+        "critic_sha256": critic_sha256(pair),
     }
-    if pair.coarse is not None and pair.coarse.prior_dir is not None:
-        settings["coarse_prior"] = str(pair.coarse.prior_dir)
-        settings["coarse_prior_sha256"] = file_sha256(Path(pair.coarse.prior_dir) / WEIGHTS_NAME)
     rows = read_metadata(out / METADATA)
     for row in rows.values():
         for key in SETTINGS:
-            if row.get(key, "") != settings[key]:
+            if row.get(key, DEFAULTS.get(key, "")) != settings[key]:
                 raise ValueError(f"{out} holds images made with {key}={row.get(key)!r}, not {settings[key]!r}; "
                                  "use another --out (or the same settings to resume)")  # fmt: skip
     todo = [i for i in range(n) if file_name(i) not in rows or not (out / file_name(i)).exists()]
@@ -175,8 +201,13 @@ def synthesize(
         else:
             labels = None
         lab = None if labels is None else labels.to(device)
-        drawn = sample_pair(pair, len(batch), temperature=temperature, seed=seeds, labels=lab)
-        bits = pair_nll_bits(pair, drawn.codes, drawn.coarse, lab).cpu()
+        temps = (temperature, temperature if detail_temperature is None else detail_temperature)
+        if pair.critic is None:
+            drawn = sample_stack(pair, len(batch), temperature=temps, seed=seeds, labels=lab)
+        else:
+            drawn = sample_ranked(pair, len(batch), candidates, temperature=temps, seed=seeds, labels=lab)
+        labels = drawn.labels
+        bits = stack_nll_bits(pair, drawn.levels, labels).cpu()
         images = vq.decode_codes(drawn.codes).cpu()
         for j, i in enumerate(batch):
             png = io.BytesIO()
@@ -189,6 +220,7 @@ def synthesize(
                 "index": str(i),
                 "image_seed": str(seeds[j]),
                 "bits_per_code": f"{float(bits[j]):.4f}",
+                "realism_score": "" if drawn.scores is None else f"{float(drawn.scores[j]):.4f}",
             }
         _write_metadata(out / METADATA, rows)  # after the PNGs: a row always has its image
         bar.update(len(batch))
@@ -203,7 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (re-run to resume)")
     p.add_argument("--latent", type=int, choices=LATENTS, default=64, help="code grid side")
     p.add_argument("--class", dest="class_name", default="any", help="benign, malignant or any (training mix)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="of the coarsest level (the layout)")
+    p.add_argument("--detail-temperature", type=float, default=None,
+                   help="of every finer level (default: --temperature)")  # fmt: skip
+    p.add_argument("--candidates", type=int, default=1,
+                   help="keep the best of M candidates per image by the realism critic (needs critic/)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="grids sampled together")
     src = p.add_mutually_exclusive_group()
@@ -214,9 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     command = "python -m lesionstudio.synthesize " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
-        pair = load_pair(args.latent, args.hub or args.checkpoints, device=args.device)
+        pair = load_stack(args.latent, args.hub or args.checkpoints, device=args.device)
         rows = synthesize(args.out, args.n, pair, args.class_name, args.temperature, args.seed, args.batch_size,
-                          command=command)  # fmt: skip
+                          command=command, detail_temperature=args.detail_temperature,
+                          candidates=args.candidates)  # fmt: skip
     except (CheckpointError, ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     classes: dict[str, int] = {}

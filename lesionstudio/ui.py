@@ -20,7 +20,17 @@ import gradio as gr
 import numpy as np
 
 from .data import IMAGE_EXTENSIONS
-from .studio import MAX_SAMPLES, MAX_UPLOAD_BYTES, Studio, StudioError, zip_images
+from .studio import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_DETAIL_TEMPERATURE,
+    DEFAULT_TEMPERATURE,
+    MAX_CANDIDATES,
+    MAX_SAMPLES,
+    MAX_UPLOAD_BYTES,
+    Studio,
+    StudioError,
+    zip_images,
+)
 
 UPLOAD_TYPES = (*IMAGE_EXTENSIONS, ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
@@ -91,6 +101,7 @@ class ResultFiles:
 def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
     latents = [str(n) for n in studio.latents]
     default_latent = "64" if "64" in latents else latents[0]
+    default_candidates = DEFAULT_CANDIDATES if studio.has_critic else 1
     files = ResultFiles()
 
     @user_errors
@@ -108,10 +119,13 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
         return fig, stats, patch, atlas, where
 
     @user_errors
-    def generate(latent: str, temperature: float, n: float, seed: float, label: str, progress=gr.Progress()):  # noqa: B008
+    def generate(latent: str, temperature: float, n: float, seed: float, label: str, detail: float | None = None,
+                 candidates: float = 1, progress=gr.Progress()):  # noqa: B008  # fmt: skip
         progress(0, desc="sampling codes")
         images = studio.generate(latent, int(n), float(temperature), int(seed), label,
-                                 progress=lambda f: progress(f, desc="sampling codes"))  # fmt: skip
+                                 progress=lambda f: progress(f, desc="sampling codes"),
+                                 detail_temperature=None if detail is None else float(detail),
+                                 candidates=int(candidates))  # fmt: skip
         if len(images) == 1:
             path = files.path(f"lesion_seed{int(seed)}.png")
             images[0].save(path)
@@ -175,7 +189,13 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=1):
                     g_latent = gr.Radio(latents, value=default_latent, label="Latent grid")
-                    g_temp = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Temperature (0 = most likely code)")
+                    g_temp = gr.Slider(0.0, 1.5, value=DEFAULT_TEMPERATURE, step=0.05,
+                                       label="Temperature of the layout (coarsest grid; 0 = most likely code)")
+                    g_detail = gr.Slider(0.0, 1.5, value=DEFAULT_DETAIL_TEMPERATURE, step=0.05,
+                                         label="Detail temperature (every finer grid)")
+                    g_cand = gr.Slider(1, MAX_CANDIDATES, value=default_candidates, step=1,
+                                       label="Candidates per sample (the critic keeps the most real-looking)",
+                                       visible=studio.has_critic)  # fmt: skip
                     g_n = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="Number of samples")
                     g_seed = gr.Number(value=0, precision=0, label="Seed")
                     g_class = gr.Dropdown(studio.class_choices(default_latent), value="any", label="Class")
@@ -188,16 +208,18 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
                     g_near = gr.Gallery(label="Nearest training image of each sample (ratio to the typical "
                                         "real-to-real distance; near 0 = copy)", columns=4, format="png",
                                         visible=bool(studio.data_files), elem_id="nearest")  # fmt: skip
-            g_btn.click(generate, [g_latent, g_temp, g_n, g_seed, g_class], [g_gallery, g_file, g_near],
-                        api_name="generate", concurrency_limit=1)  # fmt: skip
+            g_inputs = [g_latent, g_temp, g_n, g_seed, g_class, g_detail, g_cand]
+            # One queue group for all sampler work (generate, with its ranking, and inpaint): one at a time.
+            g_btn.click(generate, g_inputs, [g_gallery, g_file, g_near], api_name="generate",
+                        concurrency_limit=1, concurrency_id="sampler")  # fmt: skip
 
         with gr.Tab("Inpaint"):
             gr.Markdown(
                 "Upload a lesion, paint over the region to change, and the prior redraws the codes "
                 "under the paint. It draws in raster order and sees only codes above and to the left, "
                 "so each variant is the best of several fills at meeting the codes kept below and right. "
-                "A hierarchical prior (the shipped 64x64 one) first redraws the coarse 32x32 codes under "
-                "the paint, which sees the lesion's layout, then fills in the fine codes."
+                "A stack of levels (the shipped 32x32 and 64x64 grids stand on a 16x16 layout level) "
+                "redraws the painted region at every level, coarsest first: the layout, then the detail."
             )
             with gr.Row():
                 with gr.Column(scale=1):
@@ -216,7 +238,7 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
             if examples:
                 gr.Examples(examples, inputs=i_edit, label="Examples")
             i_btn.click(inpaint, [i_edit, i_latent, i_temp, i_n, i_seed], [i_orig, i_gallery, i_info],
-                        api_name="inpaint", concurrency_limit=1)  # fmt: skip
+                        api_name="inpaint", concurrency_limit=1, concurrency_id="sampler")  # fmt: skip
 
         def to_editor(gallery: list | None, latent: str):
             if not gallery:

@@ -115,3 +115,17 @@ def test_odd_uploads_through_the_api(client: Client, corpus: Path, upload: str, 
             client.predict(handle_file(str(corpus / name)), "32", api_name="/reconstruct")
     _, recon, *_ = client.predict(handle_file(upload), "32", api_name="/reconstruct")
     assert load(recon).shape == (256, 256, 3)
+
+
+def test_sampler_work_shares_one_queue_group(tmp_path: Path):
+    """Generate (with its candidate ranking) and inpaint run one at a time, in one group."""
+    from conftest import make_pair
+
+    from lesionstudio.studio import Studio
+    from lesionstudio.ui import build
+
+    make_pair(tmp_path, 32)
+    fns = {fn.api_name: fn for fn in build(Studio(tmp_path)).fns.values()}
+    assert fns["generate"].concurrency_id == fns["inpaint"].concurrency_id == "sampler"
+    assert fns["generate"].concurrency_limit == fns["inpaint"].concurrency_limit == 1
+    assert fns["reconstruct"].concurrency_id != "sampler"

@@ -15,7 +15,7 @@ from lesionstudio.pixelcnn import GatedPixelCNN
 from lesionstudio.vqvae import VQVAE
 
 CHECKPOINTS = ROOT / "checkpoints"
-SHIPPED = (32, 64)
+SHIPPED = (16, 32, 64)
 
 
 def test_every_shipped_latent_has_a_complete_pair():
@@ -33,6 +33,17 @@ def test_every_shipped_latent_has_a_complete_pair():
             assert "bits_per_code" in card if name.startswith("pixelcnn") else "psnr" in card
         usage = json.loads((CHECKPOINTS / f"vqvae-{latent}" / "codebook_usage.json").read_text())
         assert len(usage["counts"]) == 512 and sum(usage["counts"]) == usage["images"] * latent * latent
+    assert {"critic/config.json", "critic/model.safetensors", "critic/README.md"} <= files
+
+
+def test_the_shipped_stacks_stand_on_the_16x16_layout_level():
+    for latent in SHIPPED:
+        stack = hub.load_stack(latent)
+        assert [level.latent for level in stack.levels] == [n for n in SHIPPED if n <= latent]
+        assert stack.critic is not None
+        assert stack.levels[0].prior.kernel_size // 2 * stack.levels[0].prior.num_layers >= 16, (
+            "the layout prior's receptive field covers its whole grid"
+        )
 
 
 @pytest.mark.parametrize("latent", SHIPPED)
@@ -40,7 +51,7 @@ def test_shipped_pair_loads_from_its_folders_and_through_hub(latent: int):
     vq = VQVAE.from_pretrained(CHECKPOINTS / f"vqvae-{latent}")
     prior = GatedPixelCNN.from_pretrained(CHECKPOINTS / f"pixelcnn-{latent}")
     assert vq.latent_size == latent and prior.grid_size == latent and prior.class_names == ["benign", "malignant"]
-    pair = hub.load_pair(latent)  # the bundled folder is the default source
+    pair = hub.load_stack(latent)  # the bundled folder is the default source
     assert pair.vqvae_dir == CHECKPOINTS / f"vqvae-{latent}" and pair.usage is not None
     for a, b in zip(vq.state_dict().values(), pair.vqvae.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -49,7 +60,7 @@ def test_shipped_pair_loads_from_its_folders_and_through_hub(latent: int):
 
 
 def test_shipped_32_pair_through_a_local_hub_server(tmp_path: Path):
-    script = ("import json; from lesionstudio import hub; p = hub.load_pair(32, 'lesionstudio/checkpoints'); "
+    script = ("import json; from lesionstudio import hub; p = hub.load_stack(32, 'lesionstudio/checkpoints'); "
               "print(json.dumps([p.vqvae.latent_size, p.prior.grid_size, sum(p.usage)]))")  # fmt: skip
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
     with serve_repo("lesionstudio/checkpoints", CHECKPOINTS) as (endpoint, requests):
@@ -61,11 +72,13 @@ def test_shipped_32_pair_through_a_local_hub_server(tmp_path: Path):
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data/isic256")
-@pytest.mark.parametrize(("latent", "min_psnr"), [(32, 29.0), (64, 32.0)])  # measured: 31.4, 33.9 dB
-def test_shipped_models_on_real_images(latent: int, min_psnr: float):
+# The bits are the stack's joint over every level; on the validation split they are 33.6%, 25.2% and
+# (64x64) about 30% below the unigram entropy, on these 16 images less (their own unigram entropy is lower).
+@pytest.mark.parametrize(("latent", "min_psnr", "max_bits_ratio"), [(16, 25.0, 0.75), (32, 29.0, 0.8), (64, 32.0, 0.8)])
+def test_shipped_models_on_real_images(latent: int, min_psnr: float, max_bits_ratio: float):
     """A smoke check on the 16 sample images (training images: the model cards hold held-out numbers)."""
     res = run_module(["-m", "lesionstudio.evaluate", "--vqvae", str(CHECKPOINTS / f"vqvae-{latent}"), "--prior",
                       str(CHECKPOINTS / f"pixelcnn-{latent}"), "--data", str(SHARED_DATA / "sample"), "--json"])
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["psnr"] > min_psnr and out["bits_per_code"] < 0.75 * out["unigram_bits"]
+    assert out["psnr"] > min_psnr and out["bits_per_code"] < max_bits_ratio * out["unigram_bits"]

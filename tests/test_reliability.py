@@ -49,7 +49,7 @@ def test_pickled_weights_are_never_loaded(tmp_path: Path):
     with pytest.raises(CheckpointError, match="missing model.safetensors"):
         VQVAE.from_pretrained(folder)
     with pytest.raises(CheckpointError, match="missing model.safetensors"):
-        hub.load_pair(64, tmp_path / "ckpts")
+        hub.load_stack(64, tmp_path / "ckpts")
     assert not marker.exists()
 
 

@@ -12,7 +12,7 @@ from conftest import make_pair, run_module
 from PIL import Image
 
 from lesionstudio.codes import file_sha256
-from lesionstudio.hub import load_pair
+from lesionstudio.hub import load_stack
 from lesionstudio.sampling import sample
 from lesionstudio.synthesize import COLUMNS, image_seed, synthesize
 
@@ -54,7 +54,7 @@ def test_cli_writes_n_images_with_matching_metadata(ckpts: Path, tmp_path: Path)
 
 
 def test_bits_per_code_is_the_priors_nll_of_the_image_codes(ckpts: Path, tmp_path: Path):
-    pair = load_pair(32, ckpts)
+    pair = load_stack(32, ckpts)
     row = synthesize(tmp_path, 1, pair, class_name="benign", seed=11, show_progress=False)[0]
     codes = sample(pair.prior, 1, seed=[int(row["image_seed"])], labels=torch.tensor([0]))
     expected = float(pair.prior.nll_bits(codes, torch.tensor([0]))[0])
@@ -64,7 +64,7 @@ def test_bits_per_code_is_the_priors_nll_of_the_image_codes(ckpts: Path, tmp_pat
 
 
 def test_rerun_resumes_and_same_seed_same_images(ckpts: Path, tmp_path: Path):
-    pair = load_pair(32, ckpts)
+    pair = load_stack(32, ckpts)
     a, b = tmp_path / "a", tmp_path / "b"
     synthesize(a, 4, pair, seed=5, batch_size=3, show_progress=False)
     # An interrupted run: one image lost, one row lost; a re-run (other batch size) completes it.
@@ -84,7 +84,7 @@ def test_rerun_resumes_and_same_seed_same_images(ckpts: Path, tmp_path: Path):
 
 
 def test_classes_are_honoured(ckpts: Path, tmp_path: Path):
-    pair = load_pair(32, ckpts)
+    pair = load_stack(32, ckpts)
     rows = synthesize(tmp_path / "m", 3, pair, class_name="malignant", seed=1, show_progress=False)
     assert [r["class"] for r in rows] == ["malignant"] * 3
     # The class reaches the prior: the same seeds under the other class give other codes.
@@ -99,7 +99,7 @@ def test_classes_are_honoured(ckpts: Path, tmp_path: Path):
 
 
 def test_other_settings_are_refused_not_mixed(ckpts: Path, tmp_path: Path):
-    pair = load_pair(32, ckpts)
+    pair = load_stack(32, ckpts)
     synthesize(tmp_path, 2, pair, seed=1, show_progress=False)
     before = (tmp_path / "metadata.csv").read_bytes()
     with pytest.raises(ValueError, match="temperature"):
@@ -119,7 +119,7 @@ def test_unconditional_prior_refuses_a_class(tmp_path: Path):
     GatedPixelCNN(num_codes=16, channels=8, num_layers=2, grid_size=32, code_dim=4).save_pretrained(
         tmp_path / "ck" / "pixelcnn-32"
     )
-    pair = load_pair(32, tmp_path / "ck")
+    pair = load_stack(32, tmp_path / "ck")
     with pytest.raises(ValueError, match="unconditional"):
         synthesize(tmp_path / "o", 1, pair, class_name="benign", show_progress=False)
     rows = synthesize(tmp_path / "o", 2, pair, show_progress=False)

@@ -125,3 +125,25 @@ def test_hierarchical_prior_on_a_coarse_vqvae(tiny_vqvae: Path, image_folder: Pa
     res = run_module(cli(tiny_vqvae, image_folder, tmp_path / "bad2", 1, "--coarse-vqvae", str(tmp_path / "cvq"),
                          "--crop", "8"))  # fmt: skip
     assert res.returncode != 0 and "--crop is not supported" in res.stderr
+
+
+def test_dihedral_turns_multiply_the_training_grids_only(tiny_vqvae: Path, image_folder: Path, tmp_path: Path):
+    vq = VQVAE.from_pretrained(tiny_vqvae)
+    # A codebook spread over the encoder's outputs, so the codes tell the turns apart.
+    from lesionstudio.data import LesionImageFolder, dihedral_variant, eval_transform
+
+    ds = LesionImageFolder(image_folder / "train", transform=eval_transform(64))
+    z = vq.encoder(torch.stack([ds[i][0] for i in range(4)]) - 0.5).permute(0, 2, 3, 1).reshape(-1, 8)
+    vq.quantizer.embedding.copy_(z[torch.randperm(len(z), generator=torch.Generator().manual_seed(0))[:32]].detach())
+    vq.save_pretrained(tmp_path / "spread")
+    out = tmp_path / "turned"
+    res = train(tmp_path / "spread", image_folder, out, 1, "--dihedral", "4")
+    # 16 labelled images, a quarter held out: 12 training images in 4 turns, 4 originals to validate.
+    assert "48 training / 4 validation grids" in res.stdout and "4 turns of each image" in res.stdout
+    with np.load(out / "codes_d1.npz", allow_pickle=False) as turned, np.load(out / "codes.npz") as plain:
+        first = ds.files.index(next(p for p in ds.files if p.name == str(plain["files"][0])))
+        x = dihedral_variant(ds[first][0][None], 1)
+        assert np.array_equal(turned["codes"][0], vq.encode(x)[0].numpy())
+        assert not np.array_equal(turned["codes"], plain["codes"])
+    prior = GatedPixelCNN.from_pretrained(out / "final")
+    assert sum(prior.class_counts) == 12, "class frequencies of the images, not of their turns"

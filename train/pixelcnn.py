@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from lesionstudio.codes import CodeSet, codes_key, load_or_extract
-from lesionstudio.data import LesionImageFolder, eval_transform, split_indices
+from lesionstudio.data import LesionImageFolder, dihedral_variant, eval_transform, split_indices
 from lesionstudio.evaluate import prior_bits
 from lesionstudio.metrics import entropy_bits, usage_histogram
 from lesionstudio.pixelcnn import GatedPixelCNN
@@ -54,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crop", type=int, default=0, help="train on random SxS crops of the code grid (0: whole)")
+    p.add_argument("--dihedral", type=int, default=1, choices=range(1, 9), metavar="K",
+                   help="train on the codes of K turns of each training image: 4 = the right-angle rotations, "
+                   "8 = with their mirror images (validation stays on the originals)")
     p.add_argument("--coarse-vqvae", default=None, help="condition on this coarser-grid VQ-VAE's codes of each image")
     p.add_argument("--init-from", default=None, help="start from this trained prior's weights (same architecture)")
     p.add_argument("--channels", type=int, default=128)
@@ -67,11 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def encode_dataset(
-    args: argparse.Namespace, vq: VQVAE, device: torch.device, cache: str = "codes.npz"
+    args: argparse.Namespace, vq: VQVAE, device: torch.device, cache: str = "codes.npz", variant: int = 0
 ) -> tuple[CodeSet, list[str]]:
-    ds = LesionImageFolder(
-        args.data, transform=eval_transform(vq.image_size), labels_csv=args.labels, label_column=args.label_column
-    )
+    """Codes of every image, or of its dihedral `variant` (cached per variant)."""
+    base = eval_transform(vq.image_size)
+    transform = base if variant == 0 else (lambda img: dihedral_variant(base(img), variant))
+    if variant:
+        cache = cache.replace(".npz", f"_d{variant}.npz")
+    ds = LesionImageFolder(args.data, transform=transform, labels_csv=args.labels, label_column=args.label_column)
     if args.limit is not None and args.limit < len(ds):
         perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed)).tolist()
         ds = ds.subset(sorted(perm[: args.limit]))
@@ -104,6 +111,40 @@ def init_from(model: GatedPixelCNN, path: str) -> None:
         raise SystemExit(f"--init-from {path}: weights do not fit (missing {new}, unexpected {unexpected})")
 
 
+@dataclass
+class Grids:
+    """Code grids for training or validation: codes [N, h, w], labels [N] (-1: unknown) and, for
+    a hierarchical prior, the coarse codes [N, hc, wc] of the same images."""
+
+    codes: torch.Tensor
+    labels: torch.Tensor
+    coarse: torch.Tensor | None
+
+    @classmethod
+    def of(cls, codeset: CodeSet, coarse_set: CodeSet | None, labelled_only: bool) -> Grids:
+        grids = cls(
+            torch.from_numpy(codeset.codes.astype("int64")),
+            torch.from_numpy(codeset.labels),
+            None if coarse_set is None else torch.from_numpy(coarse_set.codes.astype("int64")),
+        )
+        return grids.take(torch.nonzero(grids.labels >= 0).flatten().tolist()) if labelled_only else grids
+
+    @classmethod
+    def cat(cls, parts: list[Grids]) -> Grids:
+        coarse = None if parts[0].coarse is None else torch.cat([p.coarse for p in parts])
+        return cls(torch.cat([p.codes for p in parts]), torch.cat([p.labels for p in parts]), coarse)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def take(self, idx: list[int]) -> Grids:
+        return Grids(self.codes[idx], self.labels[idx], None if self.coarse is None else self.coarse[idx])
+
+    def dataset(self) -> TensorDataset:
+        extra = () if self.coarse is None else (self.coarse,)
+        return TensorDataset(self.codes, self.labels, *extra)
+
+
 def random_crops(codes: torch.Tensor, size: int, gen: torch.Generator | None = None) -> torch.Tensor:
     """One random size x size window of each grid in codes [B, h, w]."""
     b, h, w = codes.shape
@@ -127,37 +168,34 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
     if coarse_vq is not None and args.crop:
         raise SystemExit("--crop is not supported with --coarse-vqvae: train on whole grids")
 
-    def encode_all() -> tuple[CodeSet, CodeSet | None, list[str]]:
-        codeset, classes = encode_dataset(args, vq, device)
-        coarse_set = None if coarse_vq is None else encode_dataset(args, coarse_vq, device, "coarse_codes.npz")[0]
+    def encode_all(variant: int) -> tuple[CodeSet, CodeSet | None, list[str]]:
+        codeset, classes = encode_dataset(args, vq, device, variant=variant)
+        coarse_set = None
+        if coarse_vq is not None:
+            coarse_set = encode_dataset(args, coarse_vq, device, "coarse_codes.npz", variant)[0]
         if coarse_set is not None and coarse_set.files != codeset.files:
             raise SystemExit("the two VQ-VAEs read different images (a file became unreadable?); delete the caches")
         return codeset, coarse_set, classes
 
-    encoded = encode_all() if d.is_main else None
+    variants = range(args.dihedral)
+    encoded = [encode_all(k) for k in variants] if d.is_main else None
     if d.enabled:  # rank 0 encoded (and cached) the codes; the others read the cache
         torch.distributed.barrier()
         if not d.is_main:
-            encoded = encode_all()
+            encoded = [encode_all(k) for k in variants]
     assert encoded is not None
-    codeset, coarse_set, classes = encoded
-    codes = torch.from_numpy(codeset.codes.astype("int64"))
-    labels = torch.from_numpy(codeset.labels)
-    # Without a coarse VQ-VAE, a [N, 1, 1] placeholder keeps one code path (never used).
-    coarse = torch.zeros(len(codes), 1, 1, dtype=torch.long)
-    if coarse_set is not None:
-        coarse = torch.from_numpy(coarse_set.codes.astype("int64"))
+    classes = encoded[0][2]
     conditional = args.labels is not None
-    if conditional:
-        known = labels >= 0
-        if not bool(known.all()):
-            print(f"dropping {int((~known).sum())} images without a label")
-            codes, labels, coarse = codes[known], labels[known], coarse[known]
-    train_idx, val_idx = split_indices(len(codes), args.val_fraction, seed=args.seed)
-    train_codes, val_codes = codes[train_idx], codes[val_idx]
-    train_labels, val_labels = labels[train_idx], labels[val_idx]
-    train_coarse, val_coarse = coarse[train_idx], coarse[val_idx]
-    grid = codes.shape[1]
+    grids = [Grids.of(codeset, coarse_set, conditional) for codeset, coarse_set, _ in encoded]
+    if conditional and len(grids[0]) < len(encoded[0][0].labels):
+        print(f"dropping {len(encoded[0][0].labels) - len(grids[0])} images without a label")
+    train_idx, val_idx = split_indices(len(grids[0]), args.val_fraction, seed=args.seed)
+    # Variants of a validation image stay out of training.
+    train_set = Grids.cat([g.take(train_idx) for g in grids])
+    val_set = grids[0].take(val_idx)
+    train_codes, val_codes, val_labels, val_coarse = train_set.codes, val_set.codes, val_set.labels, val_set.coarse
+    originals = grids[0].take(train_idx).labels  # class frequencies of the images, not of their variants
+    grid = val_codes.shape[1]
     hier = coarse_vq is not None
 
     common.seed_everything(args.seed)
@@ -170,7 +208,7 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
         grid_size=grid,
         code_dim=vq.code_dim,
         class_names=classes if conditional else None,
-        class_counts=[int((train_labels == i).sum()) for i in range(len(classes))] if conditional else None,
+        class_counts=[int((originals == i).sum()) for i in range(len(classes))] if conditional else None,
         cond_num_codes=coarse_vq.num_codes if coarse_vq is not None else 0,
         cond_grid_size=coarse_vq.latent_size if coarse_vq is not None else 0,
     ).to(device)
@@ -182,13 +220,14 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
 
     unigram = entropy_bits(usage_histogram(train_codes, vq.num_codes))
     net = DistributedDataParallel(model) if d.enabled else model
-    dataset = TensorDataset(train_codes, train_labels, train_coarse)
+    dataset = train_set.dataset()
     if d.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(
             f"{len(train_codes)} training / {len(val_codes)} validation grids of {grid}x{grid} codes, "
             f"K={vq.num_codes}, {'classes ' + ', '.join(classes) if conditional else 'unconditional'}, "
-            f"{f'on {coarse.shape[1]}x{coarse.shape[2]} coarse codes, ' if hier else ''}"
+            f"{f'on {val_coarse.shape[1]}x{val_coarse.shape[2]} coarse codes, ' if hier else ''}"
+            f"{f'{args.dihedral} turns of each image, ' if args.dihedral > 1 else ''}"
             f"{n_params / 1e6:.2f} M params, unigram entropy {unigram:.3f} bits/code, {device}"
         )
 
@@ -200,10 +239,10 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
         total, n_steps, n_codes = 0.0, 0, 0
         t0 = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not d.is_main, mininterval=2)
-        for batch_codes, batch_labels, batch_coarse in bar:
-            batch_codes = random_crops(batch_codes, args.crop).to(device)
-            lab = batch_labels.to(device) if conditional else None
-            cg = batch_coarse.to(device) if hier else None
+        for batch in bar:
+            batch_codes = random_crops(batch[0], args.crop).to(device)
+            lab = batch[1].to(device) if conditional else None
+            cg = batch[2].to(device) if hier else None
             with opt.autocast():
                 logits = net(batch_codes, lab, cg)
             loss = F.cross_entropy(logits.float(), batch_codes)

@@ -29,12 +29,11 @@ from lesionstudio.data import (
     train_transform,
 )
 from lesionstudio.evaluate import codebook_usage, evaluate
+from lesionstudio.hub import LATENTS
 from lesionstudio.plots import write_curves
 from lesionstudio.vqvae import VQVAE, ResidualBlock
 
 from . import common
-
-LATENTS = (32, 64, 128)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,5 +1,5 @@
-"""Hierarchical priors: a fine-grid prior conditioned on a coarse grid, loaded, sampled,
-inpainted, scored and trained as a pair."""
+"""Stacks of levels: priors conditioned on the coarser grid below them, loaded, sampled,
+inpainted and scored as one stack (two and three levels)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from conftest import make_pair, run_module
 from fake_hub import serve_repo
 
 from lesionstudio import hub
-from lesionstudio.hierarchy import coarse_mask, fine_seed, inpaint_pair, pair_nll_bits, sample_pair
 from lesionstudio.hubmodel import CheckpointError
 from lesionstudio.pixelcnn import GatedPixelCNN
 from lesionstudio.sampling import inpaint, sample
+from lesionstudio.stack import ModelStack, coarse_mask, inpaint_stack, level_seed, sample_stack, stack_nll_bits
 from lesionstudio.studio import Studio
 
 
@@ -108,20 +108,20 @@ def test_incremental_sampler_matches_the_plain_one_with_coarse_codes(num_classes
 
 
 def test_load_hierarchical_pair(checkpoints: Path):
-    pair = hub.load_pair(64, checkpoints)
+    pair = hub.load_stack(64, checkpoints)
     assert pair.prior.hierarchical and pair.coarse is not None
     assert pair.coarse.latent == 32 and pair.coarse.prior is not None and pair.coarse.coarse is None
-    assert hub.load_pair(32, checkpoints).coarse is None
+    assert hub.load_stack(32, checkpoints).coarse is None
 
 
 def test_coarse_pair_problems_are_clear_errors(tmp_path: Path):
     root = tmp_path / "a"
     make_pair(root, 64, coarse=32)  # no 32x32 pair beside it
     with pytest.raises(CheckpointError, match=r"fills in a 32x32 coarse grid.*no vqvae-32"):
-        hub.load_pair(64, root)
+        hub.load_stack(64, root)
     make_pair(root, 32, num_codes=8)  # coarse K does not match what the prior was made for
     with pytest.raises(CheckpointError, match="coarse codebook size K: prior expects 16, VQ-VAE has 8"):
-        hub.load_pair(64, root)
+        hub.load_stack(64, root)
     root = tmp_path / "b"
     make_pair(root, 32)
     make_pair(root, 64, coarse=32)
@@ -129,53 +129,53 @@ def test_coarse_pair_problems_are_clear_errors(tmp_path: Path):
     cfg["class_names"] = ["nevus", "melanoma"]
     (root / "pixelcnn-32" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="classes"):
-        hub.load_pair(64, root)
+        hub.load_stack(64, root)
 
 
 def test_sample_pair_draws_the_coarse_grid_as_the_coarse_pair_would(checkpoints: Path):
-    pair = hub.load_pair(64, checkpoints)
-    drawn = sample_pair(pair, 2, seed=[3, 4], labels=None)
+    pair = hub.load_stack(64, checkpoints)
+    drawn = sample_stack(pair, 2, seed=[3, 4], labels=None)
     assert drawn.codes.shape == (2, 64, 64) and drawn.coarse.shape == (2, 32, 32) and drawn.labels.shape == (2,)
     alone = sample(pair.coarse.prior, 2, seed=[3, 4])
     assert torch.equal(drawn.coarse, alone), "a seed gives the same layout at both grid sizes"
     # The fine stage is the fine prior given those coarse codes and classes, with its own seeds.
-    again = sample(pair.prior, 2, seed=fine_seed([3, 4]), labels=drawn.labels, coarse=drawn.coarse)
+    again = sample(pair.prior, 2, seed=level_seed([3, 4], 1), labels=drawn.labels, coarse=drawn.coarse)
     assert torch.equal(drawn.codes, again)
-    plain = sample_pair(hub.load_pair(32, checkpoints), 2, seed=[3, 4])
+    plain = sample_stack(hub.load_stack(32, checkpoints), 2, seed=[3, 4])
     assert plain.coarse is None and torch.equal(plain.codes, alone) and torch.equal(plain.labels, drawn.labels)
     seen = []
-    sample_pair(pair, 1, seed=0, labels=1, progress=seen.append)
+    sample_stack(pair, 1, seed=0, labels=1, progress=seen.append)
     assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
 
 
 def test_inpaint_pair_redraws_coarse_and_fine_codes_under_the_mask(checkpoints: Path):
-    pair = hub.load_pair(64, checkpoints)
+    pair = hub.load_stack(64, checkpoints)
     codes, coarse = torch.randint(0, 16, (64, 64)), torch.randint(0, 16, (32, 32))
     mask = torch.zeros(64, 64, dtype=torch.bool)
     mask[10:20, 30:41] = True
     assert coarse_mask(mask, 32)[5:10, 15:21].all() and int(coarse_mask(mask, 32).sum()) == 5 * 6
-    out = inpaint_pair(pair, codes, mask, coarse, n=2, seed=1)
+    out = inpaint_stack(pair, [coarse, codes], mask, n=2, seed=1)
     assert out.shape == (2, 64, 64)
     assert torch.equal(out[:, ~mask], codes[~mask].expand(2, -1))
     assert bool((out[:, mask] != codes[mask]).any())
-    assert torch.equal(out, inpaint_pair(pair, codes, mask, coarse, n=2, seed=1)), "seeded"
+    assert torch.equal(out, inpaint_stack(pair, [coarse, codes], mask, n=2, seed=1)), "seeded"
     with pytest.raises(ValueError, match="coarse codes"):
-        inpaint_pair(pair, codes, mask, None)
+        inpaint_stack(pair, [codes], mask)
 
 
 def test_pair_bits_are_the_joint_negative_log_likelihood(checkpoints: Path):
-    pair = hub.load_pair(64, checkpoints)
+    pair = hub.load_stack(64, checkpoints)
     codes, coarse = torch.randint(0, 16, (2, 64, 64)), torch.randint(0, 16, (2, 32, 32))
     lab = torch.tensor([0, 1])
-    bits = pair_nll_bits(pair, codes, coarse, lab)
+    bits = stack_nll_bits(pair, [coarse, codes], lab)
     manual = -(
         pair.coarse.prior.log_likelihood(coarse, lab).flatten(1).sum(1)
         + pair.prior.log_likelihood(codes, lab, coarse).flatten(1).sum(1)
     ) / (64 * 64 * math.log(2))
     torch.testing.assert_close(bits, manual)
     # Marginalising the class: -log2 sum_c p(c) p(., . | c), at most the bits of the likelier class.
-    marginal = pair_nll_bits(pair, codes, coarse)
-    per_class = torch.stack([pair_nll_bits(pair, codes, coarse, torch.full((2,), c)) for c in range(2)])
+    marginal = stack_nll_bits(pair, [coarse, codes])
+    per_class = torch.stack([stack_nll_bits(pair, [coarse, codes], torch.full((2,), c)) for c in range(2)])
     log2_p = pair.prior.class_probabilities().float().log2()[:, None]
     assert bool((marginal >= per_class.min(0).values - 1e-4).all())
     assert bool((marginal <= (per_class - log2_p / 4096).min(0).values + 1e-4).all())
@@ -214,7 +214,7 @@ def test_evaluate_scores_a_hierarchical_prior_with_its_coarse_pair(checkpoints: 
 
 def test_hierarchical_pair_through_a_local_hub_server(checkpoints: Path, tmp_path: Path):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    script = ("import json; from lesionstudio import hub; p = hub.load_pair(64, 'lesion/checkpoints'); "
+    script = ("import json; from lesionstudio import hub; p = hub.load_stack(64, 'lesion/checkpoints'); "
               "print(json.dumps([p.coarse.latent, p.coarse.prior.grid_size, p.prior.cond_grid_size]))")  # fmt: skip
     with serve_repo("lesion/checkpoints", checkpoints) as (endpoint, requests):
         res = run_module(["-c", script], env={**env, "HF_ENDPOINT": endpoint}, timeout=300)
@@ -226,15 +226,91 @@ def test_hierarchical_pair_through_a_local_hub_server(checkpoints: Path, tmp_pat
 def test_synthesize_records_the_coarse_prior(checkpoints: Path, tmp_path: Path):
     from lesionstudio.synthesize import synthesize
 
-    pair = hub.load_pair(64, checkpoints)
+    pair = hub.load_stack(64, checkpoints)
     rows = synthesize(tmp_path / "synth", 2, pair, batch_size=2, show_progress=False)
     assert rows[0]["coarse_prior"] == str(checkpoints / "pixelcnn-32") and len(rows[0]["coarse_prior_sha256"]) == 64
     assert "coarse prior, which drew each lesion's layout first" in (tmp_path / "synth" / "README.md").read_text()
     assert float(rows[0]["bits_per_code"]) > 0
     # a changed coarse prior is refused rather than mixed into the folder
-    cprior = hub.load_pair(32, checkpoints).prior
+    cprior = hub.load_stack(32, checkpoints).prior
     for p in cprior.parameters():
         p.data.add_(0.01)
     cprior.save_pretrained(checkpoints / "pixelcnn-32")
     with pytest.raises(ValueError, match="coarse_prior_sha256"):
-        synthesize(tmp_path / "synth", 3, hub.load_pair(64, checkpoints), batch_size=2, show_progress=False)
+        synthesize(tmp_path / "synth", 3, hub.load_stack(64, checkpoints), batch_size=2, show_progress=False)
+
+
+@pytest.fixture
+def three_levels(tmp_path: Path) -> Path:
+    """16x16 (plain prior) -> 32x32 (on the 16x16 codes) -> 64x64 (on the 32x32 codes)."""
+    root = tmp_path / "three"
+    make_pair(root, 16)
+    make_pair(root, 32, coarse=16)
+    make_pair(root, 64, coarse=32)
+    return root
+
+
+def test_a_three_level_stack_loads_coarsest_first(three_levels: Path):
+    stack = hub.load_stack(64, three_levels)
+    assert [level.latent for level in stack.levels] == [16, 32, 64]
+    assert stack.coarse.coarse.coarse is None and hub.load_stack(16, three_levels).levels[0].prior is not None
+    (three_levels / "vqvae-16" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"32x32 coarse grid.*16x16 coarse grid"):
+        hub.load_stack(64, three_levels)
+
+
+def test_three_level_sampling_is_each_level_given_the_one_below(three_levels: Path):
+    stack = hub.load_stack(64, three_levels)
+    drawn = sample_stack(stack, 2, seed=[5, 6], temperature=(1.0, 0.7))
+    assert [g.shape[-1] for g in drawn.levels] == [16, 32, 64]
+    top = sample(stack.levels[0].prior, 2, seed=[5, 6])
+    middle = sample(stack.levels[1].prior, 2, seed=level_seed([5, 6], 1), labels=drawn.labels, coarse=top,
+                    temperature=0.7)  # fmt: skip
+    fine = sample(stack.prior, 2, seed=level_seed([5, 6], 2), labels=drawn.labels, coarse=middle, temperature=0.7)
+    assert torch.equal(drawn.levels[0], top) and torch.equal(drawn.levels[1], middle)
+    assert torch.equal(drawn.codes, fine)
+    # The same seed shows the same lesion at every grid size: the 32x32 stack draws the same two levels.
+    smaller = sample_stack(hub.load_stack(32, three_levels), 2, seed=[5, 6], temperature=(1.0, 0.7))
+    assert all(torch.equal(a, b) for a, b in zip(smaller.levels, drawn.levels[:2], strict=False))
+    with pytest.raises(ValueError, match="temperatures"):
+        sample_stack(stack, 1, temperature=(1.0, 0.9, 0.8, 0.7))
+
+
+def tiny_stack() -> ModelStack:
+    """Three levels of small random priors (4x4 -> 8x8 -> 16x16) in float64, without VQ-VAEs."""
+    stack = None
+    for i, grid in enumerate((4, 8, 16)):
+        torch.manual_seed(grid)
+        prior = GatedPixelCNN(num_codes=8, channels=8, num_layers=2, kernel_size=3, num_classes=2, grid_size=grid,
+                              cond_num_codes=8 if i else 0, cond_grid_size=grid // 2 if i else 0)  # fmt: skip
+        for p in prior.parameters():
+            p.data.normal_(0, 0.4)
+        stack = ModelStack(grid, None, prior.double().eval(), "", Path(), None, coarse=stack)
+    return stack
+
+
+def test_three_level_incremental_and_naive_samplers_agree():
+    stack = tiny_stack()
+    for temps in (1.0, (1.0, 0.6), (0.9, 0.8, 0.7)):
+        fast = sample_stack(stack, 3, seed=[1, 2, 3], temperature=temps)
+        naive = sample_stack(stack, 3, seed=[1, 2, 3], temperature=temps, method="naive")
+        assert [g.shape[-1] for g in fast.levels] == [4, 8, 16]
+        assert all(torch.equal(a, b) for a, b in zip(naive.levels, fast.levels, strict=True))
+        assert torch.equal(naive.labels, fast.labels)
+
+
+def test_three_level_inpainting_and_scoring(three_levels: Path):
+    stack = hub.load_stack(64, three_levels)
+    codes = [torch.randint(0, 16, (g, g)) for g in (16, 32, 64)]
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[8:24, 40:56] = True
+    out = inpaint_stack(stack, codes, mask, n=2, seed=3)
+    assert out.shape == (2, 64, 64) and torch.equal(out[:, ~mask], codes[-1][~mask].expand(2, -1))
+    assert torch.equal(out, inpaint_stack(stack, codes, mask, n=2, seed=3))
+    batch = [c[None].expand(2, -1, -1) for c in codes]
+    lab = torch.tensor([0, 1])
+    manual = -sum(
+        level.prior.log_likelihood(batch[i], lab, batch[i - 1] if i else None).flatten(1).sum(1)
+        for i, level in enumerate(stack.levels)
+    ) / (64 * 64 * math.log(2))
+    torch.testing.assert_close(stack_nll_bits(stack, batch, lab), manual)

@@ -1,0 +1,70 @@
+"""Time to one finished sample (every level drawn, decoded), with and without candidate ranking.
+
+    python benchmarks/generate.py [--checkpoints checkpoints] [--baseline OLD_CHECKPOINTS] [--latent 64]
+
+Times ``Studio.generate`` (what the Generate tab runs, minus the browser): one sample at the
+default temperatures, then one sample ranked from 2 and 4 candidates when the checkpoints have a
+critic. ``--baseline`` times another checkpoints folder the same way in the same run (for
+example the previous release), so the ratios compare like with like. Best of ``--repeat`` runs,
+after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lesionstudio.studio import DEFAULT_DETAIL_TEMPERATURE, DEFAULT_TEMPERATURE, Studio  # noqa: E402
+
+
+def best_of(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def rows(source: str, latent: int, repeat: int, candidates: list[int]) -> list[tuple[str, float]]:
+    studio = Studio(source)
+    stack = studio.pair(latent)
+    name = f"{source}: {' -> '.join(str(lv.latent) for lv in stack.levels)}"
+    out = []
+    for m in [1] + [c for c in candidates if studio.has_critic and c > 1]:
+        t = best_of(lambda m=m: studio.generate(latent, n=1, temperature=DEFAULT_TEMPERATURE, seed=0,
+                                                detail_temperature=DEFAULT_DETAIL_TEMPERATURE, candidates=m),
+                    repeat)  # fmt: skip
+        out.append((f"{name}, {m} candidate{'s' if m > 1 else ''}", t))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoints", default="checkpoints")
+    p.add_argument("--baseline", default=None, help="another checkpoints folder, timed in the same run")
+    p.add_argument("--latent", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--candidates", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, best of {args.repeat}")
+    results = []
+    if args.baseline:
+        results += rows(args.baseline, args.latent, args.repeat, [])
+    results += rows(args.checkpoints, args.latent, args.repeat, args.candidates)
+    base = results[0][1]
+    for label, t in results:
+        print(f"{t:8.2f} s  {t / base:5.2f}x  {label}")
+
+
+if __name__ == "__main__":
+    main()

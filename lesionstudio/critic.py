@@ -1,0 +1,161 @@
+"""A small CNN that tells real lesion images from generated ones, by layout and by texture.
+
+Two branches of the same shape judge two views of a 256 px image: *layout* sees the whole image
+downscaled to ``view_size`` px (where the lesion is, its size, border and the vignette),
+*texture* sees ``view_size`` px crops at full resolution (pigment network, skin, speckle). A
+branch judges an image by the mean logit of several views: the 8 flips and right-angle turns of
+the whole image, a grid of crops. The critic serves twice: as the
+classifier of the two-sample test (``lesionstudio.twosample``, a fresh one per comparison) and,
+trained on real training images against a stack's own samples (``python -m train.critic``), as
+the shipped scorer that ranks candidate samples (VQ-VAE-2's classifier-based rejection).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import dihedral_variant
+from .hubmodel import HubModel, check_int
+
+
+def branch(channels: int) -> nn.Sequential:
+    """Four stride-2 convolutions, global average pooling, one logit. GroupNorm, not BatchNorm:
+    the critic judges single images and small sets the same way in training and evaluation."""
+    layers: list[nn.Module] = []
+    ch_in = 3
+    for ch in (channels, 2 * channels, 4 * channels, 4 * channels):
+        layers += [nn.Conv2d(ch_in, ch, 4, stride=2, padding=1), nn.GroupNorm(math.gcd(8, ch), ch), nn.LeakyReLU(0.2)]
+        ch_in = ch
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(ch_in, 1)]
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class Judgement:
+    """Logits (> 0: looks real) per image [B]."""
+
+    layout: torch.Tensor
+    texture: torch.Tensor
+
+    @property
+    def realism(self) -> torch.Tensor:
+        """The score candidates are ranked by: both views count equally."""
+        return (self.layout + self.texture) / 2
+
+
+class RealismCritic(
+    HubModel,
+    library_name="lesionstudio",
+    tags=["image-classification", "dermoscopy", "synthetic-image-detection", "isic"],
+    license="other",
+):
+    """``forward(images [B, 3, H, W] in [0, 1]) -> Judgement``; H and W at least ``view_size``."""
+
+    def __init__(self, channels: int = 32, view_size: int = 64, crops_per_side: int = 3) -> None:
+        super().__init__()
+        self.channels = check_int("channels", channels, minimum=4)
+        self.view_size = check_int("view_size", view_size, minimum=16)
+        self.crops_per_side = check_int("crops_per_side", crops_per_side, minimum=1)
+        self.layout_net = branch(channels)
+        self.texture_net = branch(channels)
+
+    def _check(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3 or min(images.shape[-2:]) < self.view_size:
+            raise ValueError(f"expected images [B, 3, H, W] with sides of at least {self.view_size}, "
+                             f"got {tuple(images.shape)}")  # fmt: skip
+
+    def layout_view(self, images: torch.Tensor) -> torch.Tensor:
+        size = (self.view_size, self.view_size)
+        return F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+
+    def crop_corners(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Top-left corners of the fixed texture crops: an evenly spaced grid over the image."""
+        n, v = self.crops_per_side, self.view_size
+        ys = torch.linspace(0, height - v, n).round().long().tolist()
+        xs = torch.linspace(0, width - v, n).round().long().tolist()
+        return [(y, x) for y in ys for x in xs]
+
+    def texture_views(self, images: torch.Tensor) -> torch.Tensor:
+        """The fixed crops of every image, [B * crops, 3, v, v] (crops of one image adjacent)."""
+        v = self.view_size
+        corners = self.crop_corners(*images.shape[-2:])
+        crops = [images[:, :, y : y + v, x : x + v] for y, x in corners]
+        return torch.stack(crops, dim=1).flatten(0, 1).float()
+
+    def forward(self, images: torch.Tensor) -> Judgement:
+        self._check(images)
+        b = images.shape[0]
+        small = self.layout_view(images)
+        turns = torch.cat([dihedral_variant(small, k) for k in range(8)])  # turns of one image b apart
+        layout = self.layout_net(turns).view(8, b).mean(0)
+        texture = self.texture_net(self.texture_views(images)).view(b, -1).mean(1)
+        return Judgement(layout, texture)
+
+    def training_loss(self, images: torch.Tensor, real: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Binary cross-entropy of both branches on randomly turned images and one random crop
+        each (``real``: 1.0 for real images, 0.0 for generated ones)."""
+        self._check(images)
+        turns = torch.randint(0, 8, (len(images),), generator=gen).tolist()
+        turned = torch.stack([dihedral_variant(x, k) for x, k in zip(images, turns, strict=True)])
+        v, (h, w) = self.view_size, images.shape[-2:]
+        ys = torch.randint(0, h - v + 1, (len(images),), generator=gen).tolist()
+        xs = torch.randint(0, w - v + 1, (len(images),), generator=gen).tolist()
+        crops = torch.stack([x[:, y : y + v, c : c + v] for x, y, c in zip(turned, ys, xs, strict=True)]).float()
+        layout = self.layout_net(self.layout_view(turned)).view(-1)
+        texture = self.texture_net(crops).view(-1)
+        return F.binary_cross_entropy_with_logits(layout, real) + F.binary_cross_entropy_with_logits(texture, real)
+
+    @torch.no_grad()
+    def judge(self, images: torch.Tensor, batch_size: int = 32) -> Judgement:
+        """Judge images in batches, in eval mode."""
+        self.eval()
+        parts = [self(images[i : i + batch_size].to(self.layout_net[0].weight.device))
+                 for i in range(0, len(images), batch_size)]  # fmt: skip
+        return Judgement(torch.cat([p.layout for p in parts]).cpu(), torch.cat([p.texture for p in parts]).cpu())
+
+
+@dataclass
+class FitSettings:
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+def fit(critic: RealismCritic, real: torch.Tensor, fake: torch.Tensor, settings: FitSettings) -> list[float]:
+    """Train a critic on uint8 images [N, 3, H, W]; every epoch sees all generated images and as
+    many real ones, drawn at random (balanced classes). Returns the mean loss of each epoch."""
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError("the critic needs at least 2 real and 2 generated images")
+    gen = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    opt = torch.optim.AdamW(critic.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    per_epoch = min(len(real), len(fake))
+    steps = settings.epochs * -(-2 * per_epoch // settings.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=steps)
+    losses = []
+    for _ in range(settings.epochs):
+        critic.train()
+        pick_real = torch.randperm(len(real), generator=gen)[:per_epoch]
+        pick_fake = torch.randperm(len(fake), generator=gen)[:per_epoch]
+        images = torch.cat([real[pick_real], fake[pick_fake]])
+        target = torch.cat([torch.ones(per_epoch), torch.zeros(per_epoch)])
+        order = torch.randperm(len(images), generator=gen)
+        total = 0.0
+        for s in range(0, len(order), settings.batch_size):
+            idx = order[s : s + settings.batch_size]
+            loss = critic.training_loss(images[idx].float() / 255, target[idx], gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(order))
+    critic.eval()
+    return losses

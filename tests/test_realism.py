@@ -1,0 +1,145 @@
+"""The realism yardstick (classifier two-sample test), the realism critic and candidate ranking."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import lesion_image, make_pair, run_module, write_images
+
+from lesionstudio import hub
+from lesionstudio.critic import FitSettings, RealismCritic
+from lesionstudio.stack import CANDIDATE_SEED_OFFSET, sample_ranked, sample_stack
+from lesionstudio.twosample import blurred, two_sample_test
+
+QUICK = FitSettings(epochs=8, batch_size=16, lr=3e-3, seed=0)
+
+
+def lesions(n: int, start: int, size: int = 96) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.asarray(lesion_image(size, seed=start + i))).permute(2, 0, 1)
+                        for i in range(n)])  # fmt: skip
+
+
+def test_two_sample_test_is_near_chance_for_one_distribution_and_high_for_another():
+    real, other = lesions(48, 0), lesions(48, 1000)
+    same = two_sample_test(real, other, QUICK, channels=8)
+    assert same.train_per_set == 24 and same.test_per_set == 24
+    assert same.layout_accuracy <= 0.75 and same.texture_accuracy <= 0.75
+    noisy = (other.float() + 60 * torch.randn(other.shape, generator=torch.Generator().manual_seed(0)))
+    apart = two_sample_test(real, noisy.clamp(0, 255).to(torch.uint8), QUICK, channels=8)
+    assert apart.texture_accuracy >= 0.9 and apart.layout_accuracy >= 0.6
+    again = two_sample_test(real, other, QUICK, channels=8)
+    assert (again.layout_accuracy, again.texture_accuracy) == (same.layout_accuracy, same.texture_accuracy), "seeded"
+
+
+def test_blur_is_a_blur():
+    x = lesions(2, 0)
+    y = blurred(x, 1.0)
+    assert y.dtype == torch.uint8 and y.shape == x.shape
+    assert float((y.float() - x.float()).abs().mean()) > 0
+    assert float(y.float().diff(dim=-1).abs().mean()) < float(x.float().diff(dim=-1).abs().mean())
+
+
+def test_critic_judges_layout_and_texture_and_checks_its_input():
+    critic = RealismCritic(channels=4, view_size=32, crops_per_side=2).eval()
+    judged = critic(torch.rand(3, 3, 64, 64))
+    assert judged.layout.shape == judged.texture.shape == judged.realism.shape == (3,)
+    assert critic.crop_corners(64, 64) == [(0, 0), (0, 32), (32, 0), (32, 32)]
+    with pytest.raises(ValueError, match="sides of at least 32"):
+        critic(torch.rand(1, 3, 16, 16))
+
+
+@pytest.fixture
+def stack_with_critic(tmp_path: Path) -> Path:
+    root = tmp_path / "ckpts"
+    make_pair(root, 16)
+    make_pair(root, 32, coarse=16)
+    torch.manual_seed(0)
+    critic = RealismCritic(channels=4)
+    for p in critic.parameters():  # spread the scores, so the ranking has something to rank
+        p.data.normal_(0, 0.5)
+    critic.save_pretrained(root / "critic")
+    return root
+
+
+def test_ranking_keeps_the_best_scored_candidate_of_each_sample(stack_with_critic: Path):
+    stack = hub.load_stack(32, stack_with_critic)
+    assert stack.critic is not None
+    ranked = sample_ranked(stack, 2, candidates=3, seed=[11, 12], temperature=(1.0, 0.8))
+    seeds = [s + j * CANDIDATE_SEED_OFFSET for s in (11, 12) for j in range(3)]
+    every = sample_stack(stack, 6, seed=seeds, temperature=(1.0, 0.8))
+    scores = stack.critic.judge(stack.vqvae.decode_codes(every.codes)).realism.view(2, 3)
+    best = scores.argmax(1)
+    assert len({tuple(g.flatten().tolist()) for g in every.codes}) > 1, "candidates differ"
+    for i in range(2):
+        assert torch.equal(ranked.codes[i], every.codes[i * 3 + best[i]])
+        assert torch.equal(ranked.levels[0][i], every.levels[0][i * 3 + best[i]])
+    torch.testing.assert_close(ranked.scores, scores.max(1).values)
+    # One candidate is the sample drawn without ranking, with the same per-sample seeds.
+    single = sample_ranked(stack, 2, candidates=1, seed=[11, 12])
+    assert torch.equal(single.codes, sample_stack(stack, 2, seed=[11, 12]).codes)
+    # A requested class is kept by every candidate.
+    assert sample_ranked(stack, 2, candidates=2, seed=1, labels=1).labels.tolist() == [1, 1]
+    stack.critic = None
+    with pytest.raises(ValueError, match="critic"):
+        sample_ranked(stack, 1, candidates=2)
+
+
+def test_synthesize_ranks_candidates_and_records_scores(stack_with_critic: Path, tmp_path: Path):
+    from lesionstudio.synthesize import synthesize
+
+    stack = hub.load_stack(32, stack_with_critic)
+    rows = synthesize(tmp_path / "s", 2, stack, batch_size=2, show_progress=False, candidates=3,
+                      detail_temperature=0.8)  # fmt: skip
+    assert all(r["realism_score"] and r["candidates"] == "3" and r["detail_temperature"] == "0.8" for r in rows)
+    assert "best of 3 candidates" in (tmp_path / "s" / "README.md").read_text()
+    with pytest.raises(ValueError, match="candidates"):
+        synthesize(tmp_path / "s", 3, stack, batch_size=2, show_progress=False, candidates=2, detail_temperature=0.8)
+
+
+def test_studio_generates_with_candidates_and_detail_temperature(stack_with_critic: Path):
+    from lesionstudio.studio import Studio, StudioError
+
+    studio = Studio(stack_with_critic)
+    assert studio.has_critic
+    a = studio.generate(32, n=2, seed=4, candidates=2, detail_temperature=0.5)
+    assert [im.tobytes() for im in a] == [im.tobytes() for im in studio.generate(32, n=2, seed=4, candidates=2,
+                                                                                  detail_temperature=0.5)]  # fmt: skip
+    with pytest.raises(StudioError, match="Candidates"):
+        studio.generate(32, n=1, candidates=99)
+
+
+def test_quality_c2st_and_calibration_commands(tmp_path: Path, stack_with_critic: Path):
+    write_images(tmp_path / "real", 12, size=96)
+    write_images(tmp_path / "fake", 12, size=96, start_seed=500)
+    res = run_module(["-m", "lesionstudio.quality", "--real", str(tmp_path / "real"), "--generated",
+                      str(tmp_path / "fake"), "--c2st-only", "--c2st-epochs", "1", "--json"])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])["c2st"]
+    assert 0 <= out["layout_accuracy"] <= 1 and out["test_per_set"] == 6
+    vq = str(stack_with_critic / "vqvae-32")
+    res = run_module(["-m", "lesionstudio.quality", "--real", str(tmp_path / "real"), "--c2st-calibrate",
+                      "--c2st-epochs", "1", "--reconstruct-with", vq, "--json"])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(rows) == {"real vs real", "real vs blurred real (sigma 1 px)", "real vs 32x32 VQ-VAE reconstructions"}
+    res = run_module(["-m", "lesionstudio.quality", "--real", str(tmp_path / "real")])
+    assert res.returncode != 0 and "--generated is required" in res.stderr
+
+
+def test_train_critic_command(tmp_path: Path):
+    write_images(tmp_path / "real", 20, size=96)
+    write_images(tmp_path / "fake", 10, size=96, start_seed=300)
+    out = tmp_path / "critic"
+    res = run_module(["-m", "train.critic", "--real", str(tmp_path / "real"), "--generated", str(tmp_path / "fake"),
+                      "--out", str(out), "--epochs", "1", "--channels", "4", "--batch-size", "8"])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    # The real side is the training split only: 18 of the 20 images.
+    assert metrics["real_images"] == 18 and metrics["generated_images"] == 10
+    assert 0 <= metrics["heldout_realism_accuracy"] <= 1
+    critic = RealismCritic.from_pretrained(out / "final")
+    assert critic.channels == 4 and "realism critic" in (out / "final" / "README.md").read_text()
