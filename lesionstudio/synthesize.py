@@ -147,8 +147,10 @@ def synthesize(
         raise CheckpointError(f"no prior for the {pair.latent}x{pair.latent} grid in {pair.source}")
     if n < 1 or batch_size < 1:
         raise ValueError("--n and --batch-size must be at least 1")
-    if not temperature > 0 or (detail_temperature is not None and not detail_temperature > 0):
-        raise ValueError(f"temperatures must be positive, got {temperature} and {detail_temperature}")
+    if not temperature > 0:
+        raise ValueError(f"--temperature must be positive, got {temperature}")
+    if detail_temperature is not None and not detail_temperature > 0:
+        raise ValueError(f"--detail-temperature must be positive, got {detail_temperature}")
     if candidates < 1:
         raise ValueError(f"--candidates must be at least 1, got {candidates}")
     if candidates > 1 and pair.critic is None:
