@@ -12,7 +12,8 @@ RUN pip install -r requirements.txt
 
 COPY lesionstudio ./lesionstudio
 COPY checkpoints ./checkpoints
-COPY app.py .
+COPY examples ./examples
+COPY app.py README.md ./
 
 # Run as an unprivileged user; uploads are only held in Gradio's temporary folder.
 RUN useradd --create-home studio && chown -R studio /app

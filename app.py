@@ -1,22 +1,29 @@
 """Start the LesionStudio web app.
 
-    python app.py [--host H] [--port P] [--checkpoints DIR | --hub REPO_ID] [--examples DIR] [--data DIR] [--share]
+    python app.py [--host H] [--port P] [--checkpoints DIR | --hub REPO_ID] [--examples DIR]
+                  [--data DIR] [--quiz-log FILE] [--share]
 
-Defaults: the bundled checkpoints/ (or $LESIONSTUDIO_CHECKPOINTS), 127.0.0.1:7860, or 0.0.0.0
-inside a Hugging Face Space or a container.
+Models: --checkpoints or --hub; else $LESIONSTUDIO_HUB_REPO or, inside a Space, the first
+`models:` entry of README.md's front matter; else $LESIONSTUDIO_CHECKPOINTS or the bundled
+checkpoints/. Examples: the bundled examples/. Host: 127.0.0.1:7860, or 0.0.0.0 inside a
+Hugging Face Space or a container.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from pathlib import Path
 
 from lesionstudio.data import IMAGE_EXTENSIONS
-from lesionstudio.hubmodel import CheckpointError
+from lesionstudio.hubmodel import WEIGHTS_NAME, CheckpointError
+from lesionstudio.space import SpaceConfigError, model_repo
 from lesionstudio.studio import MAX_UPLOAD_BYTES, Studio, StudioError
 from lesionstudio.ui import build
+
+EXAMPLES = Path(__file__).resolve().parent / "examples"
 
 
 def default_host() -> str:
@@ -32,27 +39,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoints", type=Path, default=None, help="folder with vqvae-N/ and pixelcnn-N/")
     src.add_argument("--hub", metavar="REPO_ID", default=None, help="Hugging Face Hub repo laid out the same way")
-    p.add_argument("--examples", type=Path, default=None, help="folder of example images")
+    p.add_argument("--examples", type=Path, default=EXAMPLES, help="folder of example images (default: examples/)")
     p.add_argument("--data", type=Path, default=None,
-                   help="training-image folder: where a code occurs, and each sample's nearest training image")
+                   help="folder of real images: where a code occurs, each sample's nearest real image, and "
+                   "the reader study's real images")
+    p.add_argument("--quiz-log", type=Path, default=None,
+                   help="append every reader-study answer to this CSV (nothing is stored without it)")
     p.add_argument("--data-limit", type=int, default=256, help="images of --data scanned (encoded once)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     return p.parse_args(argv)
 
 
+def open_studio(args: argparse.Namespace) -> Studio:
+    """The Studio on the chosen models; a configured Space repo that fails falls back to the bundled ones."""
+    options = {"device": args.device, "data_dir": args.data, "data_limit": args.data_limit}
+    source = args.checkpoints or args.hub
+    if source is None and (repo := model_repo()):
+        try:
+            return Studio(repo, **options)
+        except (StudioError, CheckpointError, OSError) as exc:
+            print(f"warning: cannot serve {repo} ({exc}); serving the bundled checkpoints", file=sys.stderr)
+    return Studio(source, **options)
+
+
+def example_images(folder: Path | None) -> list[str]:
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[:12]
+
+
+def examples_cache(studio: Studio) -> Path:
+    """A cache folder for the Generate examples' results, one per set of model files, so results of
+    other (or retrained) models are never served."""
+    stack = studio.pair(studio.default_latent)
+    files = [Path(d) / WEIGHTS_NAME for level in stack.levels for d in (level.vqvae_dir, level.prior_dir) if d]
+    stamp = "".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in files if f.exists())
+    return Path(".gradio") / "cached_examples" / hashlib.sha256(stamp.encode()).hexdigest()[:16]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.quiz_log and args.quiz_log.is_dir():
+        sys.exit(f"error: --quiz-log {args.quiz_log} is a folder; give a CSV file")
     try:
-        studio = Studio(
-            args.checkpoints or args.hub, device=args.device, data_dir=args.data, data_limit=args.data_limit
-        )
-    except (StudioError, CheckpointError, OSError, ValueError) as exc:
+        studio = open_studio(args)
+        studio.preload()
+    except (StudioError, CheckpointError, SpaceConfigError, OSError, ValueError) as exc:
         sys.exit(f"error: {exc}")
-    examples = None
-    if args.examples:
-        examples = sorted(str(p) for p in args.examples.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[:12]
-    demo = build(studio, examples)
+    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(examples_cache(studio)))
+    demo = build(studio, example_images(args.examples), quiz_log=args.quiz_log)
     demo.launch(
         server_name=args.host,
         server_port=args.port,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import dihedral_variant
-from .hubmodel import HubModel, check_int
+from .hubmodel import WEIGHTS_LICENSE, HubModel, check_int
 
 
 def branch(channels: int) -> nn.Sequential:
@@ -52,7 +52,7 @@ class RealismCritic(
     HubModel,
     library_name="lesionstudio",
     tags=["image-classification", "dermoscopy", "synthetic-image-detection", "isic"],
-    license="other",
+    license=WEIGHTS_LICENSE,
 ):
     """``forward(images [B, 3, H, W] in [0, 1]) -> Judgement``; H and W at least ``view_size``."""
 

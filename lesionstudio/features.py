@@ -200,12 +200,24 @@ def generating_latent(generated_dir: Path) -> int | None:
         return None
 
 
-def feature_model(path: str | None, source: str | None, generated_dir: Path | None = None) -> VQVAE:
+@dataclass(frozen=True)
+class FeatureModel:
+    """The VQ-VAE chosen for the features, and where it came from."""
+
+    vqvae: VQVAE
+    folder: str
+    made_the_samples: bool = False
+
+    def describe(self) -> str:
+        own = " (the model that made the samples)" if self.made_the_samples else ""
+        return f"features: encoder of {self.folder}{own}"
+
+
+def feature_model(path: str | None, source: str | None, generated_dir: Path | None = None) -> FeatureModel:
     """The VQ-VAE whose encoder gives the features: a folder, else a shipped one, preferring 32x32
     and, when the samples' metadata.csv names their latent size, one that did not make them."""
     if path:
-        print(f"features: encoder of {path}")
-        return VQVAE.from_pretrained(path).eval()
+        return FeatureModel(VQVAE.from_pretrained(path).eval(), str(path))
     made_by = generating_latent(generated_dir) if generated_dir else None
     order = sorted((32, 64, 128), key=lambda n: (n == made_by, n))
     last: Exception | None = None
@@ -215,7 +227,5 @@ def feature_model(path: str | None, source: str | None, generated_dir: Path | No
         except (CheckpointError, OSError, ValueError) as exc:  # try the next latent size
             last = exc
             continue
-        own = " (the model that made the samples)" if latent == made_by else ""
-        print(f"features: encoder of {pair.vqvae_dir}{own}")
-        return pair.vqvae
-    raise SystemExit(f"no VQ-VAE found for the features (pass --feature-model DIR): {last}")
+        return FeatureModel(pair.vqvae, str(pair.vqvae_dir), latent == made_by)
+    raise CheckpointError(f"no VQ-VAE found for the features (pass --feature-model DIR): {last}")

@@ -4,22 +4,23 @@ A checkpoints source is a folder (or a Hugging Face Hub repo laid out the same w
 ``vqvae-{latent}/`` and ``pixelcnn-{latent}/`` model folders, each with config.json and
 model.safetensors (plus ``codebook_usage.json`` beside a VQ-VAE). A hierarchical prior (one
 conditioned on a coarser grid, e.g. ``pixelcnn-64`` on the codes of ``vqvae-32``) needs the
-coarser levels from the same source, loaded with it as ``ModelStack.coarse`` (recursively). Where no source is given it
-is, in order: ``$LESIONSTUDIO_CHECKPOINTS``, then the bundled ``checkpoints/``. Hub downloads
-go through ``huggingface_hub`` and so honour ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``
-and the cache. Only safetensors and JSON are ever read.
+coarser levels from the same source, loaded with it as ``ModelStack.coarse`` (recursively).
+Where no source is given it is, in order: ``$LESIONSTUDIO_CHECKPOINTS``, then the bundled
+``checkpoints/``. A Hub repo is fetched with one ``snapshot_download`` at one revision, so it
+honours ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, ``HF_TOKEN`` and the cache. Only safetensors and
+JSON are ever read.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
 from pathlib import Path
 
 import torch
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
 from .critic import RealismCritic
 from .hubmodel import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
@@ -32,6 +33,7 @@ BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints"
 LATENTS = (16, 32, 64, 128)  # code-grid sides for a 256 px image
 USAGE_NAME = "codebook_usage.json"
 CRITIC_NAME = "critic"  # the realism critic's folder in a checkpoints source
+SNAPSHOT_FILES = [f"*/{name}" for name in (CONFIG_NAME, WEIGHTS_NAME, USAGE_NAME)]
 
 
 def default_source() -> Path:
@@ -47,28 +49,29 @@ def _is_local(source: str | Path) -> bool:
 
 
 def _local_model_dir(source: str | Path, name: str, revision: str | None) -> Path | None:
-    """The folder of model `name` in a source, downloading it from the Hub if needed; None if absent."""
-    if _is_local(source):
-        root = Path(source).expanduser()
-        if not root.is_dir():
-            raise CheckpointError(f"checkpoints folder {root} does not exist")
-        folder = root / name
-        return folder if folder.is_dir() else None
+    """The folder of model `name` in a source (a Hub repo is downloaded first); None if absent."""
+    root = Path(source).expanduser() if _is_local(source) else hub_snapshot(str(source), revision)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoints folder {root} does not exist")
+    folder = root / name
+    return folder if folder.is_dir() else None
+
+
+@functools.cache
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """One download of a Hub repo at one revision: every model folder's weights, config and usage
+    file (not cards or images); later calls reuse it, so a running app never mixes revisions."""
     try:
-        config = hf_hub_download(repo_id=str(source), filename=f"{name}/{CONFIG_NAME}", revision=revision)
-    except EntryNotFoundError:
-        return None
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=SNAPSHOT_FILES))
     except RepositoryNotFoundError as exc:
-        raise CheckpointError(f"Hub repo {source} not found (or private without a token)") from exc
+        raise CheckpointError(f"Hub repo {repo_id} not found (or private without a token)") from exc
+    except RevisionNotFoundError as exc:
+        raise CheckpointError(f"Hub repo {repo_id} has no revision {revision!r}") from exc
     except LocalEntryNotFoundError as exc:
         raise CheckpointError(
-            f"cannot reach the Hub for {source} and it is not in the cache (HF_HUB_OFFLINE is "
+            f"cannot reach the Hub for {repo_id} and it is not in the cache (HF_HUB_OFFLINE is "
             f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}): {exc}"
         ) from exc
-    hf_hub_download(repo_id=str(source), filename=f"{name}/{WEIGHTS_NAME}", revision=revision)
-    with contextlib.suppress(EntryNotFoundError):  # usage statistics are optional
-        hf_hub_download(repo_id=str(source), filename=f"{name}/{USAGE_NAME}", revision=revision)
-    return Path(config).parent
 
 
 def available_latents(
@@ -150,6 +153,11 @@ def load_stack(
     stack = _assemble(vq, vq_dir, prior_dir, source, device, revision)
     stack.critic = load_critic(source, device, revision)
     return stack
+
+
+def has_critic(source: str | Path | None = None, revision: str | None = None) -> bool:
+    """Whether a checkpoints source holds a realism critic (without loading it)."""
+    return _local_model_dir(default_source() if source is None else source, CRITIC_NAME, revision) is not None
 
 
 def load_critic(

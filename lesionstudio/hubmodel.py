@@ -58,6 +58,10 @@ def _resolve(model_id: str, filename: str, **hub_kwargs: Any) -> str:
         raise CheckpointError(f"Hub repo {model_id}: missing {filename}") from exc
 
 
+# The shipped weights' licence (trained on ISIC images, some CC-BY-NC / CC BY-NC-SA); the code is Apache-2.0.
+WEIGHTS_LICENSE = "cc-by-nc-sa-4.0"
+
+
 class HubModel(torch.nn.Module, PyTorchModelHubMixin):
     """Base of the LesionStudio models: constructor arguments are the whole config."""
 

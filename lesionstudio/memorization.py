@@ -263,7 +263,9 @@ def run(args: argparse.Namespace) -> Report:
     train_files, held_files = split_train_heldout(
         args.train, args.heldout, args.holdout_fraction, args.seed, args.heldout_limit
     )
-    extractor = EncoderFeatures(feature_model(args.feature_model, args.checkpoints, args.generated))
+    chosen = feature_model(args.feature_model, args.checkpoints, args.generated)
+    print(chosen.describe())
+    extractor = EncoderFeatures(chosen.vqvae)
     train = cached(train_files, extractor, args.cache, desc="training images")
     held = compute(held_files, extractor, all_orientations=True, desc="held-out images")
     gen = compute(gen_files, extractor, all_orientations=True, desc="generated images")

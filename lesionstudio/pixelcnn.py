@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hubmodel import HubModel, check_int
+from .hubmodel import WEIGHTS_LICENSE, HubModel, check_int
 
 
 def gate(x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ class GatedPixelCNN(
     HubModel,
     library_name="lesionstudio",
     tags=["pixelcnn", "autoregressive", "vq-vae-prior", "dermoscopy", "isic"],
-    license="apache-2.0",
+    license=WEIGHTS_LICENSE,
 ):
     """Autoregressive prior p(codes) = prod p(code[r, c] | codes before it in raster order [, class]).
 

@@ -28,6 +28,21 @@ def write_curves(records: Sequence[dict], panels: dict[str, Sequence[str]], titl
     curves_figure(records, panels, title).write_html(str(path), include_plotlyjs=True)
 
 
+# Colours readable on Gradio's light and dark themes alike: transparent backgrounds, mid-grey
+# text and grid, a bar colour with contrast on white and on near-black.
+NEUTRAL_TEXT = "#8a8f98"
+NEUTRAL_GRID = "rgba(138, 143, 152, 0.3)"
+BAR_COLOUR = "#f97316"
+
+
+def theme_neutral(fig: go.Figure) -> go.Figure:
+    """Let a figure sit on either theme's background."""
+    fig.update_layout(paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)", font_color=NEUTRAL_TEXT)
+    fig.update_xaxes(gridcolor=NEUTRAL_GRID, zerolinecolor=NEUTRAL_GRID, linecolor=NEUTRAL_GRID)
+    fig.update_yaxes(gridcolor=NEUTRAL_GRID, zerolinecolor=NEUTRAL_GRID, linecolor=NEUTRAL_GRID)
+    return fig
+
+
 def codebook_usage_figure(counts: Sequence[int], title: str = "Codebook usage") -> go.Figure:
     """Sorted usage histogram of the codes (most used first), with the code id on hover."""
     order = sorted(range(len(counts)), key=lambda i: -counts[i])
@@ -37,6 +52,7 @@ def codebook_usage_figure(counts: Sequence[int], title: str = "Codebook usage") 
             y=[counts[i] for i in order],
             customdata=order,
             hovertemplate="code %{customdata}<br>count %{y}<extra></extra>",
+            marker_color=BAR_COLOUR,
         )
     )
     fig.update_layout(
@@ -47,4 +63,4 @@ def codebook_usage_figure(counts: Sequence[int], title: str = "Codebook usage") 
         template="plotly_white",
         height=380,
     )
-    return fig
+    return theme_neutral(fig)

@@ -218,8 +218,9 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("need at least 4 real and 2 generated images")
         out: dict = {}
         if not args.c2st_only:
-            extractor = EncoderFeatures(feature_model(args.feature_model, args.checkpoints, args.generated),
-                                        pooling="stats")  # fmt: skip
+            chosen = feature_model(args.feature_model, args.checkpoints, args.generated)
+            print(chosen.describe())
+            extractor = EncoderFeatures(chosen.vqvae, pooling="stats")
             out = report(real_files, fake_files, extractor, args.inception_weights)
             print_distances(out)
         if args.c2st or args.c2st_only:

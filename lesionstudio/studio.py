@@ -11,9 +11,10 @@ import contextlib
 import io
 import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import plotly.graph_objects as go
@@ -24,9 +25,10 @@ from PIL import Image
 from . import metrics
 from .data import ImageLoadError, eval_transform, find_images, load_image, to_pil
 from .features import EncoderFeatures, cached, compute, dihedral, feature_transform
-from .hub import LATENTS, available_latents, default_source, load_critic, load_stack
+from .hub import LATENTS, available_latents, default_source, has_critic, load_stack
 from .memorization import DEFAULT_THRESHOLD, nearest
 from .plots import codebook_usage_figure
+from .readerstudy import Trial, plan_trials
 from .stack import ModelStack, inpaint_stack, sample_ranked, sample_stack
 
 # Upload limits: what the studio accepts before decoding (the README's Limits section).
@@ -121,6 +123,16 @@ class Reconstruction:
     codes: torch.Tensor
 
 
+class Inpainting(NamedTuple):
+    """Variants of an upload with the painted region redrawn."""
+
+    original: Image.Image  # the upload as the model encodes it
+    variants: list[Image.Image]
+    codes: torch.Tensor  # [grid, grid], the upload's
+    code_mask: torch.Tensor  # [grid, grid] bool, the codes redrawn
+    variant_codes: list[torch.Tensor]
+
+
 class Studio:
     """Loads checkpoint pairs lazily (once per latent size) and serves the four tasks."""
 
@@ -143,9 +155,18 @@ class Studio:
         self._lock = threading.Lock()
         # A latent size with a VQ-VAE but no prior still serves Reconstruct and Codebook.
         self.latents = available_latents(self.source, require_prior=False)
-        self.has_critic = load_critic(self.source) is not None
+        self.has_critic = has_critic(self.source)
         if not self.latents:
             raise StudioError(f"no VQ-VAE checkpoints (vqvae-32/, vqvae-64/, vqvae-128/) found in {self.source}")
+
+    @property
+    def default_latent(self) -> int:
+        """The grid the tabs start on: 64 where it exists (the most detailed shipped stack)."""
+        return 64 if 64 in self.latents else self.latents[0]
+
+    def preload(self) -> None:
+        """Load the default stack now, so the first request does not pay for it."""
+        self.pair(self.default_latent)
 
     def pair(self, latent: int | str) -> ModelStack:
         latent = int(latent)
@@ -345,15 +366,14 @@ class Studio:
     def inpaint(
         self,
         image: str | Path | Image.Image | None,
-        mask: Image.Image | np.ndarray | None,
+        mask: Image.Image | np.ndarray | Sequence[np.ndarray] | None,
         latent: int | str,
         n: int = 3,
         temperature: float = 1.0,
         seed: int | None = 0,
         progress: Callable[[float], None] | None = None,
-    ) -> tuple[Image.Image, list[Image.Image], torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Resample the codes under the painted mask; returns (original, variants, codes, code
-        mask, variant codes)."""
+    ) -> Inpainting:
+        """Resample the codes under the painted mask (a mask or a list of painted layers)."""
         pair = self.pair(latent)
         if pair.prior is None:
             raise StudioError(f"No prior is installed for the {latent}x{latent} grid; inpainting needs one.")
@@ -370,15 +390,43 @@ class Studio:
         out = inpaint_stack(pair, levels, code_mask.to(codes.device), n=n, temperature=float(temperature),
                             seed=seed, progress=progress)  # fmt: skip
         images = [to_pil(img) for img in pair.vqvae.decode_codes(out)]
-        return to_pil(pair.vqvae.decode_codes(codes[None])), images, codes.cpu(), code_mask, list(out.cpu())
+        original = to_pil(pair.vqvae.decode_codes(codes[None]))
+        return Inpainting(original, images, codes.cpu(), code_mask, list(out.cpu()))
 
 
-def mask_to_codes(mask: Image.Image | np.ndarray | None, grid: int) -> torch.Tensor:
-    """A painted mask (any size; painted where alpha, or the grey level, is > 0) to a [grid, grid]
-    boolean code mask: a code is resampled if any pixel of its patch is painted."""
-    if mask is None:
-        return torch.zeros(grid, grid, dtype=torch.bool)
-    arr = np.asarray(mask)
+    def quiz_trials(self, n: int, seed: int) -> list[Trial]:
+        """A reader study's seeded order of real (from the data folder) and synthetic images."""
+        if not self.data_files:
+            raise StudioError("The reader study needs real images: start the app with --data REAL_DIR.")
+        return plan_trials(self.data_files, int(n), int(seed))
+
+    def quiz_image(self, trial: Trial, progress: Callable[[float], None] | None = None) -> Image.Image:
+        """A trial's image at the size and processing a generated one has: real images go
+        through the models' input transform, synthetic ones are default samples."""
+        latent = self.default_latent
+        if trial.real_path is not None:
+            try:
+                image = load_image(trial.real_path)
+            except ImageLoadError as exc:
+                raise StudioError(f"Cannot show {Path(trial.real_path).name}: {exc}") from exc
+            return to_pil(self._tensor(image, self.pair(latent))[0])
+        candidates = DEFAULT_CANDIDATES if self.has_critic else 1
+        return self.generate(latent, 1, DEFAULT_TEMPERATURE, trial.seed, progress=progress,
+                             detail_temperature=DEFAULT_DETAIL_TEMPERATURE, candidates=candidates)[0]  # fmt: skip
+
+
+def mask_to_codes(mask: Image.Image | np.ndarray | Sequence[np.ndarray] | None, grid: int) -> torch.Tensor:
+    """A painted mask (any size; painted where alpha, or the grey level, is > 0), or a list of
+    painted layers, to a [grid, grid] boolean code mask: a code is resampled if any pixel of its
+    patch is painted on any layer."""
+    layers = mask if isinstance(mask, (list, tuple)) else [] if mask is None else [mask]
+    codes = torch.zeros(grid, grid, dtype=torch.bool)
+    for layer in layers:
+        codes |= _painted_codes(np.asarray(layer), grid)
+    return codes
+
+
+def _painted_codes(arr: np.ndarray, grid: int) -> torch.Tensor:
     if arr.ndim == 3:
         arr = arr[..., 3] if arr.shape[-1] == 4 else arr.max(-1)
     m = torch.from_numpy((arr > 0).astype(np.float32))[None, None]
@@ -397,4 +445,4 @@ def zip_images(images: list[Image.Image], prefix: str = "lesion") -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["LATENTS", "Reconstruction", "Studio", "StudioError", "mask_to_codes", "zip_images"]
+__all__ = ["LATENTS", "Inpainting", "Reconstruction", "Studio", "StudioError", "mask_to_codes", "zip_images"]

@@ -20,6 +20,7 @@ import gradio as gr
 import numpy as np
 
 from .data import IMAGE_EXTENSIONS
+from .readerstudy import REAL, SYNTHETIC, ReaderStudyError, Session, answers_csv, append_log, summarize
 from .studio import (
     DEFAULT_CANDIDATES,
     DEFAULT_DETAIL_TEMPERATURE,
@@ -27,6 +28,7 @@ from .studio import (
     MAX_CANDIDATES,
     MAX_SAMPLES,
     MAX_UPLOAD_BYTES,
+    MAX_UPLOAD_PIXELS,
     Studio,
     StudioError,
     zip_images,
@@ -42,6 +44,22 @@ NOTICE = (
 )
 
 
+QUIZ_HELP = (
+    "**Real or synthetic?** A reader study: one image at a time, real or generated in a seeded "
+    "random order, both at 256 px through the same processing. Answer, give your confidence, and "
+    "at the end see your accuracy (50% = cannot tell them apart) and download your answers."
+)
+QUIZ_NEEDS_DATA = (
+    "The reader study needs your own real images (none are shipped): start the app with "
+    "`python app.py --data REAL_DIR`, and add `--quiz-log answers.csv` to keep every answer on the server."
+)
+GENERATE_EXAMPLES = [  # latent, layout T, samples, seed, class, detail T, candidates
+    ["64", 1.0, 4, 0, "any", 1.0, 4],
+    ["64", 0.9, 4, 1, "malignant", 1.0, 4],
+    ["32", 1.0, 4, 2, "benign", 1.0, 1],
+]
+
+
 def user_errors(fn: Callable) -> Callable:
     """Show a StudioError (bad upload, bad setting) as a message in the UI instead of a crash."""
 
@@ -49,24 +67,31 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except StudioError as exc:
+        except (StudioError, ReaderStudyError) as exc:
             raise gr.Error(str(exc), print_exception=False) from exc
 
     return wrapper
 
 
-def _editor_parts(value: dict | None) -> tuple[Any, np.ndarray | None]:
-    """(background image, painted mask) from an ImageEditor value."""
+def _editor_parts(value: dict | None) -> tuple[Any, list[np.ndarray]]:
+    """(background image, painted layers) from an ImageEditor value; the studio reads the paint."""
     if not value or value.get("background") is None:
-        return None, None
-    layers = [np.asarray(layer) for layer in value.get("layers") or [] if layer is not None]
-    mask = None
-    for layer in layers:
-        alpha = (
-            layer[..., 3] if layer.ndim == 3 and layer.shape[-1] == 4 else layer.max(-1) if layer.ndim == 3 else layer
-        )
-        mask = alpha if mask is None else np.maximum(mask, alpha)
-    return value["background"], mask
+        return None, []
+    return value["background"], [np.asarray(layer) for layer in value.get("layers") or [] if layer is not None]
+
+
+def editor_value(path: str) -> dict:
+    """An ImageEditor value with `path` as the background and nothing painted yet."""
+    return {"background": path, "layers": [], "composite": path}
+
+
+def example_gallery(examples: list[str] | None, elem_id: str) -> gr.Gallery | None:
+    """Clickable example thumbnails (a click loads the image into the tab's input)."""
+    if not examples:
+        return None
+    return gr.Gallery(examples, label="Examples (made by the shipped models): click one", columns=4, rows=2,
+                      height=190, object_fit="cover", allow_preview=False, interactive=False,
+                      elem_id=elem_id)  # fmt: skip
 
 
 class ResultFiles:
@@ -98,9 +123,9 @@ class ResultFiles:
                     f.unlink()
 
 
-def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
+def build(studio: Studio, examples: list[str] | None = None, quiz_log: Path | None = None) -> gr.Blocks:
     latents = [str(n) for n in studio.latents]
-    default_latent = "64" if "64" in latents else latents[0]
+    default_latent = str(studio.default_latent)
     default_candidates = DEFAULT_CANDIDATES if studio.has_critic else 1
     files = ResultFiles()
 
@@ -110,6 +135,16 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
         r = studio.reconstruct(image, latent)
         stats = {"psnr_db": round(r.psnr, 2), "ssim": round(r.ssim, 4), "latent": int(latent)}
         return *(files.png(i) for i in (r.original, r.reconstruction, r.error, r.code_map)), stats
+
+    def picked(evt: gr.SelectData) -> str:
+        return examples[evt.index]
+
+    def picked_for_editor(evt: gr.SelectData) -> dict:
+        return editor_value(examples[evt.index])
+
+    def reconstruct_new(image: str | None, latent: str):
+        """Reconstruct as soon as an image arrives (upload or example); clearing does nothing."""
+        return reconstruct(image, latent) if image else tuple(gr.skip() for _ in range(5))
 
     @user_errors
     def codebook(latent: str, code: float):
@@ -138,13 +173,11 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
 
     @user_errors
     def inpaint(editor: dict | None, latent: str, temperature: float, n: float, seed: float, progress=gr.Progress()):  # noqa: B008
-        background, mask = _editor_parts(editor)
-        original, variants, _, code_mask, _ = studio.inpaint(
-            background, mask, latent, int(n), float(temperature), int(seed),
-            progress=lambda f: progress(f, desc="resampling codes"),
-        )  # fmt: skip
-        info = {"codes_resampled": int(code_mask.sum()), "grid": int(latent), "variants": len(variants)}
-        return files.png(original), [files.png(v) for v in variants], info
+        background, layers = _editor_parts(editor)
+        out = studio.inpaint(background, layers, latent, int(n), float(temperature), int(seed),
+                             progress=lambda f: progress(f, desc="resampling codes"))  # fmt: skip
+        info = {"codes_resampled": int(out.code_mask.sum()), "grid": int(latent), "variants": len(out.variants)}
+        return files.png(out.original), [files.png(v) for v in out.variants], info
 
     with gr.Blocks(title="LesionStudio", delete_cache=(600, 600)) as demo:
         gr.Markdown("# LesionStudio\nVQ-VAE + Gated PixelCNN for dermoscopic skin-lesion images.")
@@ -156,6 +189,7 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
                     # hostile file gets the studio's clear message rather than a decoder error.
                     r_in = gr.File(label="Lesion image", file_types=list(UPLOAD_TYPES), type="filepath",
                                    elem_id="upload")  # fmt: skip
+                    r_examples = example_gallery(examples, "reconstruct-examples")
                     r_latent = gr.Radio(latents, value=default_latent, label="Latent grid (codes per side)")
                     r_btn = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct-btn")
                     r_stats = gr.JSON(label="Metrics")
@@ -165,10 +199,11 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
                 with gr.Column(scale=2), gr.Row():
                     r_err = gr.Image(label="Error heat-map", format="png")
                     r_map = gr.Image(label="Code map", format="png")
-            if examples:
-                gr.Examples(examples, inputs=r_in, label="Examples")
-            r_btn.click(reconstruct, [r_in, r_latent], [r_orig, r_rec, r_err, r_map, r_stats],
-                        api_name="reconstruct")  # fmt: skip
+            r_outputs = [r_orig, r_rec, r_err, r_map, r_stats]
+            r_btn.click(reconstruct, [r_in, r_latent], r_outputs, api_name="reconstruct")
+            r_in.change(reconstruct_new, [r_in, r_latent], r_outputs, api_name=False)
+            if r_examples:
+                r_examples.select(picked, None, r_in, api_name=False)
 
         with gr.Tab("Codebook"):
             with gr.Row():
@@ -209,6 +244,11 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
                                         "real-to-real distance; near 0 = copy)", columns=4, format="png",
                                         visible=bool(studio.data_files), elem_id="nearest")  # fmt: skip
             g_inputs = [g_latent, g_temp, g_n, g_seed, g_class, g_detail, g_cand]
+            runnable = [e for e in GENERATE_EXAMPLES if e[0] in latents and (studio.has_critic or e[6] == 1)]
+            if runnable:
+                gr.Examples(runnable, inputs=g_inputs, outputs=[g_gallery, g_file, g_near], fn=generate,
+                            cache_examples=True, cache_mode="lazy", label="Example settings (results cached)",
+                            api_visibility="private", elem_id="generate-examples")  # fmt: skip
             # One queue group for all sampler work (generate, with its ranking, and inpaint): one at a time.
             g_btn.click(generate, g_inputs, [g_gallery, g_file, g_near], api_name="generate",
                         concurrency_limit=1, concurrency_id="sampler")  # fmt: skip
@@ -226,6 +266,7 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
                     i_edit = gr.ImageEditor(type="pil", image_mode="RGBA", label="Paint the region to change",
                                             sources=["upload"], layers=False, transforms=(),
                                             brush=gr.Brush(colors=["#ff00ff"], default_size=24))  # fmt: skip
+                    i_examples = example_gallery(examples, "inpaint-examples")
                     i_latent = gr.Radio(latents, value=default_latent, label="Latent grid")
                     i_temp = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Temperature")
                     i_n = gr.Slider(1, 8, value=3, step=1, label="Variants")
@@ -235,22 +276,83 @@ def build(studio: Studio, examples: list[str] | None = None) -> gr.Blocks:
                     i_orig = gr.Image(label="Original (as the model encodes it)", format="png")
                     i_gallery = gr.Gallery(label="Variants", columns=3, format="png")
                     i_info = gr.JSON(label="Details")
-            if examples:
-                gr.Examples(examples, inputs=i_edit, label="Examples")
+            if i_examples:
+                i_examples.select(picked_for_editor, None, i_edit, api_name=False)
             i_btn.click(inpaint, [i_edit, i_latent, i_temp, i_n, i_seed], [i_orig, i_gallery, i_info],
                         api_name="inpaint", concurrency_limit=1, concurrency_id="sampler")  # fmt: skip
+
+        with gr.Tab("Real or synthetic?"):
+            quiz_tab(studio, files, quiz_log)
 
         def to_editor(gallery: list | None, latent: str):
             if not gallery:
                 raise gr.Error("Generate a sample first.", print_exception=False)
             first = gallery[0][0] if isinstance(gallery[0], (list, tuple)) else gallery[0]
-            path = first.get("path") if isinstance(first, dict) else first
-            return {"background": path, "layers": [], "composite": path}, latent
+            return editor_value(first.get("path") if isinstance(first, dict) else first), latent
 
         g_send.click(to_editor, [g_gallery, g_latent], [i_edit, i_latent], api_name=False)
         gr.Markdown(
-            f"Limits: uploads up to {MAX_UPLOAD_BYTES // 2**20} MB and 40 megapixels "
+            f"Limits: uploads up to {MAX_UPLOAD_BYTES // 2**20} MB and {MAX_UPLOAD_PIXELS // 10**6} megapixels "
             f"({', '.join(UPLOAD_TYPES)}); at most {MAX_SAMPLES} samples a request."
         )
     demo.queue(default_concurrency_limit=2, max_size=64)
     return demo
+
+
+def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None) -> None:
+    """The reader study: real and generated images in a seeded order, answers, accuracy, CSV."""
+    gr.Markdown(QUIZ_HELP)
+    if not studio.data_files:
+        gr.Markdown(QUIZ_NEEDS_DATA, elem_id="quiz-needs-data")
+        return
+    if quiz_log:
+        gr.Markdown(f"Each answer is also appended to the server's log (`{quiz_log.name}`), with the reader id.")
+    session = gr.State(None)
+
+    def shown(s: Session, progress: gr.Progress) -> tuple:
+        trial = s.current()
+        img = studio.quiz_image(trial, progress=lambda f: progress(f, desc="drawing the image"))
+        return files.png(img), f"Image {trial.index + 1} of {len(s.trials)}"
+
+    @user_errors
+    def start(reader: str, n: float, seed: float, progress=gr.Progress()):  # noqa: B008
+        s = Session(studio.quiz_trials(int(n), int(seed)), reader)
+        return s, *shown(s, progress), gr.update(visible=True), "", None
+
+    @user_errors
+    def answer(s: Session | None, choice: str | None, confidence: float, progress=gr.Progress()):  # noqa: B008
+        if s is None or s.finished:
+            raise gr.Error("Start a study first.", print_exception=False)
+        if not choice:
+            raise gr.Error("Choose real or synthetic.", print_exception=False)
+        a = s.answer(choice.lower(), int(confidence))
+        if quiz_log:
+            append_log(quiz_log, a)
+        if not s.finished:
+            return s, *shown(s, progress), gr.update(), "", None
+        path = files.path("reader_study_answers.csv")
+        path.write_text(answers_csv(s.answers))
+        done = f"Study finished: {len(s.answers)} answers."
+        return s, None, done, gr.update(visible=False), summarize(s.answers).markdown(), str(path)
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            q_reader = gr.Textbox(label="Reader id (optional; goes into the answers)", elem_id="quiz-reader")
+            q_n = gr.Slider(4, 60, value=20, step=2, label="Images in the study", elem_id="quiz-n")
+            q_seed = gr.Number(value=0, precision=0, label="Study seed (the same seed gives the same order)")
+            q_start = gr.Button("Start", variant="primary", elem_id="quiz-start")
+        with gr.Column(scale=2):
+            q_progress = gr.Markdown(elem_id="quiz-progress")
+            q_image = gr.Image(label="Real or synthetic?", format="png", interactive=False, elem_id="quiz-image")
+            with gr.Group(visible=False) as q_form:
+                q_choice = gr.Radio([REAL.capitalize(), SYNTHETIC.capitalize()], label="This image is",
+                                    elem_id="quiz-choice")  # fmt: skip
+                q_conf = gr.Slider(1, 5, value=3, step=1, label="Confidence (1 = guess, 5 = certain)")
+                q_submit = gr.Button("Answer", variant="primary", elem_id="quiz-answer")
+            q_summary = gr.Markdown(elem_id="quiz-summary")
+            q_csv = gr.File(label="Your answers (CSV)", elem_id="quiz-csv")
+    outputs = [session, q_image, q_progress, q_form, q_summary, q_csv]
+    q_start.click(start, [q_reader, q_n, q_seed], outputs, api_name=False, concurrency_limit=1,
+                  concurrency_id="sampler")  # fmt: skip
+    q_submit.click(answer, [session, q_choice, q_conf], outputs, api_name=False, concurrency_limit=1,
+                   concurrency_id="sampler").then(lambda: None, None, q_choice, api_name=False)  # fmt: skip

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .hubmodel import HubModel, check_float, check_int
+from .hubmodel import WEIGHTS_LICENSE, HubModel, check_float, check_int
 
 
 def _distributed() -> bool:
@@ -242,7 +242,7 @@ class VQVAE(
     HubModel,
     library_name="lesionstudio",
     tags=["vq-vae", "dermoscopy", "skin-lesion", "isic"],
-    license="apache-2.0",
+    license=WEIGHTS_LICENSE,
 ):
     """VQ-VAE for RGB images in [0, 1]; ``downsample`` sets the code grid (256 px / 4 = 64x64).
 

@@ -120,22 +120,30 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-def launch_app(tmp_path_factory, source: Path | None = None, extra_args: tuple[str, ...] = ()):
-    """Start `python app.py` on a free loopback port, on `source` or tiny checkpoints; yield its URL."""
+def launch_app(
+    tmp_path_factory,
+    source: Path | None = None,
+    extra_args: tuple[str, ...] = (),
+    hub: str | None = None,
+    env: dict | None = None,
+):
+    """Start `python app.py` on a free loopback port, on `source` (or Hub repo `hub`) or tiny
+    checkpoints; yield its URL."""
     import subprocess
     import time
     import urllib.request
 
     root = source
-    if root is None:
+    if root is None and hub is None:
         root = tmp_path_factory.mktemp("ckpts")
         make_pair(root, 32)
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
+           "GRADIO_EXAMPLES_CACHE": str(tmp_path_factory.mktemp("examples_cache")), **(env or {})}  # fmt: skip
+    source_args = ["--hub", hub] if hub else ["--checkpoints", str(root)]
     log = open(tmp_path_factory.mktemp("log") / "app.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "app.py", "--checkpoints", str(root), "--host", "127.0.0.1", "--port", str(port),
-         *extra_args],
+        [sys.executable, "app.py", *source_args, "--host", "127.0.0.1", "--port", str(port), *extra_args],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"

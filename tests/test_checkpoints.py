@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, SHARED_DATA, run_module
 from fake_hub import serve_repo
+from huggingface_hub import ModelCard
 
 from lesionstudio import hub
 from lesionstudio.pixelcnn import GatedPixelCNN
@@ -16,6 +17,7 @@ from lesionstudio.vqvae import VQVAE
 
 CHECKPOINTS = ROOT / "checkpoints"
 SHIPPED = (16, 32, 64)
+WEIGHTS_LICENSE = "cc-by-nc-sa-4.0"  # trained on ISIC images, some CC-BY-NC / CC BY-NC-SA
 
 
 def test_every_shipped_latent_has_a_complete_pair():
@@ -27,9 +29,10 @@ def test_every_shipped_latent_has_a_complete_pair():
             assert {f"{name}/config.json", f"{name}/model.safetensors", f"{name}/README.md"} <= files
             assert (CHECKPOINTS / name / "model.safetensors").stat().st_size < 50 * 2**20
             card = (CHECKPOINTS / name / "README.md").read_text()
-            front = card.split("---")[1]
-            for key in ("library_name:", "license:", "tags:", "datasets:"):
-                assert key in front, f"{name} card lacks {key}"
+            meta = ModelCard(card).data
+            assert meta.library_name == "lesionstudio" and meta.tags and meta.pipeline_tag, name
+            assert meta.license == WEIGHTS_LICENSE and meta.datasets is None, name  # no made-up dataset id
+            assert "apache-2.0" not in card.lower().replace("the code is apache-2.0", ""), name
             assert "bits_per_code" in card if name.startswith("pixelcnn") else "psnr" in card
         usage = json.loads((CHECKPOINTS / f"vqvae-{latent}" / "codebook_usage.json").read_text())
         assert len(usage["counts"]) == 512 and sum(usage["counts"]) == usage["images"] * latent * latent

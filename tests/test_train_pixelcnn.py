@@ -147,3 +147,22 @@ def test_dihedral_turns_multiply_the_training_grids_only(tiny_vqvae: Path, image
         assert not np.array_equal(turned["codes"], plain["codes"])
     prior = GatedPixelCNN.from_pretrained(out / "final")
     assert sum(prior.class_counts) == 12, "class frequencies of the images, not of their turns"
+
+
+def test_push_to_hub_uploads_the_folder_where_the_app_reads_it(tiny_vqvae: Path, image_folder: Path, tmp_path: Path):
+    from fake_hub import serve_hub
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    with serve_hub("lesion/models", hub) as (endpoint, repo):
+        env = {"HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_test", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+        res = run_module(cli(tiny_vqvae, image_folder, tmp_path / "out", 1, "--push-to-hub", "lesion/models"), env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert len(repo.commits) == 1
+    grid = GatedPixelCNN.from_pretrained(tmp_path / "out" / "final").grid_size
+    published = hub / f"pixelcnn-{grid}"
+    assert sorted(p.name for p in published.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert "license: cc-by-nc-sa-4.0" in (published / "README.md").read_text()  # the weights' licence
+    assert (hub / f"pixelcnn-{grid}" / "model.safetensors").read_bytes() == (
+        tmp_path / "out" / "final" / "model.safetensors"
+    ).read_bytes()

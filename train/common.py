@@ -170,14 +170,17 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int, out: Path) -> None:
         )
 
 
-def push_to_hub(model: Any, repo_id: str, folder: Path) -> None:
+def push_to_hub(folder: Path, repo_id: str, name: str) -> None:
+    """Upload a trained model's folder into `name/` of a Hub repo, where the app looks for it."""
     from huggingface_hub import get_token
+
+    from lesionstudio.publish import publish_folder
 
     if not get_token():
         print(f"--push-to-hub {repo_id}: no Hugging Face token (HF_TOKEN or `hf auth login`); not uploading")
         return
-    model.push_to_hub(repo_id)
-    print(f"uploaded {folder} to {repo_id}")
+    info = publish_folder(folder, repo_id, name)
+    print(f"uploaded {folder} to {repo_id}/{name}: {info.commit_url}")
 
 
 @dataclass

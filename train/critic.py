@@ -23,7 +23,7 @@ from lesionstudio.critic import FitSettings, RealismCritic, fit
 from lesionstudio.data import find_images, split_files
 from lesionstudio.twosample import load_uint8
 
-from .modelcard import DATA_NOTE
+from .modelcard import DATA_NOTE, KINDS, LICENSE_NOTE, metric_table, title, with_metadata
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,20 +57,15 @@ def split(images: torch.Tensor, fraction: float, gen: torch.Generator) -> tuple[
 
 
 def model_card(metrics: dict, config: dict, command: str) -> str:
-    return f"""---
-library_name: lesionstudio
-license: other
-tags:
-- dermoscopy
-- synthetic-image-detection
-- lesionstudio
----
-
-# LesionStudio realism critic
+    """The critic's README.md: metadata (huggingface_hub ``ModelCardData``) and its held-out accuracies."""
+    rows = {row: metrics.get(key) for row, key in KINDS["critic"].metrics.items()}
+    table = "\n".join(metric_table(rows, KINDS["critic"].header))
+    text = f"""
+# {title(config)}
 
 Ranks candidate samples (`candidates=M` in the library, `--candidates M` in `synthesize`, the
 Generate tab's candidates control): a small CNN with two branches, *layout* (the whole image at
-{config['view_size']} px) and *texture* ({config['view_size']} px crops at full resolution), trained to tell real
+{config["view_size"]} px) and *texture* ({config["view_size"]} px crops at full resolution), trained to tell real
 training images from the shipped stack's samples. A sample's realism score is the mean of the
 two logits (> 0: looks real). Research and education only; not a diagnostic tool.
 
@@ -78,23 +73,22 @@ two logits (> 0: looks real). Research and education only; not a diagnostic tool
 
 {DATA_NOTE}
 
+{LICENSE_NOTE}
+
 Command: `{command}`
 
-{metrics['real_images']} real training images vs {metrics['generated_images']} samples; a tenth of each held out.
-Wall time on the CPU: {metrics['seconds'] / 60:.1f} min.
+{metrics["real_images"]} real training images vs {metrics["generated_images"]} samples; a tenth of each held out.
+Wall time on the CPU: {metrics["seconds"] / 60:.1f} min.
 
 ## Held-out balanced accuracy (real vs generated; 0.5 = chance)
 
-| branch | accuracy |
-| --- | --- |
-| layout | {metrics['heldout_layout_accuracy']} |
-| texture | {metrics['heldout_texture_accuracy']} |
-| realism (mean logit) | {metrics['heldout_realism_accuracy']} |
+{table}
 
 ```json
 {json.dumps(config, indent=2, sort_keys=True)}
 ```
 """
+    return str(with_metadata(config, text))
 
 
 def main(argv: list[str] | None = None) -> None:

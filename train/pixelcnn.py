@@ -303,7 +303,7 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
         model.save_pretrained(final)
         print(f"exported {final}")
         if args.push_to_hub:
-            common.push_to_hub(model, args.push_to_hub, final)
+            common.push_to_hub(final, args.push_to_hub, f"pixelcnn-{model.grid_size}")
 
 
 if __name__ == "__main__":

@@ -290,7 +290,7 @@ def export(model: VQVAE, train_set: LesionImageFolder, args: argparse.Namespace,
     )
     print(f"exported {final}")
     if args.push_to_hub:
-        common.push_to_hub(model, args.push_to_hub, final)
+        common.push_to_hub(final, args.push_to_hub, f"vqvae-{model.latent_size}")
 
 
 if __name__ == "__main__":
