@@ -129,3 +129,14 @@ def test_sampler_work_shares_one_queue_group(tmp_path: Path):
     assert fns["generate"].concurrency_id == fns["inpaint"].concurrency_id == "sampler"
     assert fns["generate"].concurrency_limit == fns["inpaint"].concurrency_limit == 1
     assert fns["reconstruct"].concurrency_id != "sampler"
+
+
+def test_without_a_data_folder_the_reader_study_says_what_it_needs(app_url: str):
+    import json
+    import urllib.request
+
+    config = json.loads(urllib.request.urlopen(app_url + "config", timeout=30).read())
+    texts = [c.get("props", {}).get("value") for c in config["components"]]
+    needs = [t for t in texts if isinstance(t, str) and "reader study needs your own real images" in t]
+    assert needs and "--data REAL_DIR" in needs[0]
+    assert not any(c.get("props", {}).get("elem_id") == "quiz-start" for c in config["components"])
