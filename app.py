@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lesionstudio.data import IMAGE_EXTENSIONS
 from lesionstudio.hubmodel import WEIGHTS_NAME, CheckpointError
+from lesionstudio.readerstudy import ReaderStudyError, check_log
 from lesionstudio.space import SpaceConfigError, model_repo
 from lesionstudio.studio import MAX_UPLOAD_BYTES, Studio, StudioError
 from lesionstudio.ui import build
@@ -80,12 +81,12 @@ def examples_cache(studio: Studio) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.quiz_log and args.quiz_log.is_dir():
-        sys.exit(f"error: --quiz-log {args.quiz_log} is a folder; give a CSV file")
     try:
+        if args.quiz_log:
+            check_log(args.quiz_log)
         studio = open_studio(args)
         studio.preload()
-    except (StudioError, CheckpointError, SpaceConfigError, OSError, ValueError) as exc:
+    except (StudioError, CheckpointError, SpaceConfigError, ReaderStudyError, OSError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(examples_cache(studio)))
     demo = build(studio, example_images(args.examples), quiz_log=args.quiz_log)

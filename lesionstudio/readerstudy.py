@@ -277,6 +277,19 @@ def _check_header(path: Path, first_line: bytes) -> None:
         raise ReaderStudyError(f"{path} is not a reader-study log (its first line is not the expected header).")
 
 
+def check_log(path: str | Path) -> None:
+    """Raise ReaderStudyError unless ``path`` can take this log's rows (new, empty or a log of ours);
+    the app checks at start-up so that no answer is refused later."""
+    path = Path(path)
+    if path.is_dir():
+        raise ReaderStudyError(f"{path} is a folder, not a reader-study log file.")
+    if path.is_file():
+        with open(path, "rb") as f:
+            first = f.readline(4096)
+        if first:
+            _check_header(path, first)
+
+
 def append_log(path: str | Path, answer: Answer) -> None:
     """Append one answer to the CSV log at ``path``, writing the header only if the file is new or empty.
 

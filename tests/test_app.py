@@ -140,3 +140,13 @@ def test_without_a_data_folder_the_reader_study_says_what_it_needs(app_url: str)
     needs = [t for t in texts if isinstance(t, str) and "reader study needs your own real images" in t]
     assert needs and "--data REAL_DIR" in needs[0]
     assert not any(c.get("props", {}).get("elem_id") == "quiz-start" for c in config["components"])
+
+
+def test_a_quiz_log_of_other_data_is_refused_at_start_up(tmp_path: Path):
+    from conftest import run_module
+
+    other = tmp_path / "scores.csv"
+    other.write_text("name,score\na,1\n")
+    res = run_module(["app.py", "--quiz-log", str(other), "--port", "1"], timeout=120)
+    assert res.returncode != 0 and res.stderr.startswith("error:") and "scores.csv" in res.stderr
+    assert other.read_text() == "name,score\na,1\n"  # left as it was

@@ -235,3 +235,19 @@ def test_trial_is_immutable():
     trial = Trial(0, "real", real_path="x.png")
     with pytest.raises(AttributeError):
         trial.index = 1  # type: ignore[misc]
+
+
+def test_check_log_accepts_new_empty_and_own_logs_only(tmp_path: Path):
+    from lesionstudio.readerstudy import check_log
+
+    check_log(tmp_path / "new.csv")  # not there yet
+    (tmp_path / "empty.csv").write_text("")
+    check_log(tmp_path / "empty.csv")
+    ours = tmp_path / "ours.csv"
+    append_log(ours, Answer(0, "real", "real", 3, "r"))
+    check_log(ours)
+    (tmp_path / "other.csv").write_text("name,score\na,1\n")
+    with pytest.raises(ReaderStudyError):
+        check_log(tmp_path / "other.csv")
+    with pytest.raises(ReaderStudyError):
+        check_log(tmp_path)
