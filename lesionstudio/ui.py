@@ -13,6 +13,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +300,15 @@ def build(studio: Studio, examples: list[str] | None = None, quiz_log: Path | No
     return demo
 
 
+@dataclass
+class QuizState:
+    """One reader's study in the browser session: the answers so far and the synthetic images
+    drawn ahead, by trial index."""
+
+    session: Session
+    drawn: dict[int, Any] = field(default_factory=dict)
+
+
 def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None) -> None:
     """The reader study: real and generated images in a seeded order, answers, accuracy, CSV."""
     gr.Markdown(QUIZ_HELP)
@@ -309,31 +319,40 @@ def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None) -> None:
         gr.Markdown(f"Each answer is also appended to the server's log (`{quiz_log.name}`), with the reader id.")
     session = gr.State(None)
 
-    def shown(s: Session, progress: gr.Progress) -> tuple:
-        trial = s.current()
-        img = studio.quiz_image(trial, progress=lambda f: progress(f, desc="drawing the image"))
-        return files.png(img), f"Image {trial.index + 1} of {len(s.trials)}"
+    def shown(q: QuizState) -> tuple:
+        trial = q.session.current()
+        img = q.drawn.pop(trial.index, None)
+        if img is None:  # a real image: it loads at once
+            img = studio.quiz_image(trial)
+        return files.png(img), f"Image {trial.index + 1} of {len(q.session.trials)}"
 
     @user_errors
     def start(reader: str, n: float, seed: float, progress=gr.Progress()):  # noqa: B008
-        s = Session(studio.quiz_trials(int(n), int(seed)), reader)
-        return s, *shown(s, progress), gr.update(visible=True), "", None
+        q = QuizState(Session(studio.quiz_trials(int(n), int(seed)), reader))
+        # Synthetic images are drawn before the study starts: drawing one while the reader waits
+        # would take seconds where a real one appears at once, and give the answer away.
+        synthetic = [t for t in q.session.trials if t.real_path is None]
+        for i, trial in enumerate(synthetic):
+            progress(i / len(synthetic), desc=f"preparing the study: synthetic image {i + 1} of {len(synthetic)}")
+            q.drawn[trial.index] = studio.quiz_image(trial)
+        return q, *shown(q), gr.update(visible=True), "", None
 
     @user_errors
-    def answer(s: Session | None, choice: str | None, confidence: float, progress=gr.Progress()):  # noqa: B008
-        if s is None or s.finished:
+    def answer(q: QuizState | None, choice: str | None, confidence: float):
+        if q is None or q.session.finished:
             raise gr.Error("Start a study first.", print_exception=False)
         if not choice:
             raise gr.Error("Choose real or synthetic.", print_exception=False)
-        a = s.answer(choice.lower(), int(confidence))
+        a = q.session.answer(choice.lower(), int(confidence))
         if quiz_log:
             append_log(quiz_log, a)
-        if not s.finished:
-            return s, *shown(s, progress), gr.update(), "", None
+        if not q.session.finished:
+            return q, *shown(q), gr.update(), "", None
+        answers = q.session.answers
         path = files.path("reader_study_answers.csv")
-        path.write_text(answers_csv(s.answers))
-        done = f"Study finished: {len(s.answers)} answers."
-        return s, None, done, gr.update(visible=False), summarize(s.answers).markdown(), str(path)
+        path.write_text(answers_csv(answers))
+        done = f"Study finished: {len(answers)} answers."
+        return q, None, done, gr.update(visible=False), summarize(answers).markdown(), str(path)
 
     with gr.Row():
         with gr.Column(scale=1):
