@@ -283,6 +283,8 @@ def check_log(path: str | Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise ReaderStudyError(f"{path} is a folder, not a reader-study log file.")
+    if not path.parent.is_dir():
+        raise ReaderStudyError(f"{path}: the folder {path.parent} does not exist.")
     if path.is_file():
         with open(path, "rb") as f:
             first = f.readline(4096)

@@ -251,3 +251,5 @@ def test_check_log_accepts_new_empty_and_own_logs_only(tmp_path: Path):
         check_log(tmp_path / "other.csv")
     with pytest.raises(ReaderStudyError):
         check_log(tmp_path)
+    with pytest.raises(ReaderStudyError, match="does not exist"):
+        check_log(tmp_path / "no" / "such" / "log.csv")
