@@ -329,7 +329,7 @@ class Studio:
         latent: int | str,
         n: int = 4,
         temperature: float = 1.0,
-        seed: int | None = 0,
+        seed: int | list[int] | None = 0,
         class_name: str = "any",
         progress: Callable[[float], None] | None = None,
         detail_temperature: float | None = None,
@@ -400,19 +400,32 @@ class Studio:
             raise StudioError("The reader study needs real images: start the app with --data REAL_DIR.")
         return plan_trials(self.data_files, int(n), int(seed))
 
-    def quiz_image(self, trial: Trial, progress: Callable[[float], None] | None = None) -> Image.Image:
-        """A trial's image at the size and processing a generated one has: real images go
-        through the models' input transform, synthetic ones are default samples."""
-        latent = self.default_latent
-        if trial.real_path is not None:
-            try:
-                image = load_image(trial.real_path)
-            except ImageLoadError as exc:
-                raise StudioError(f"Cannot show {Path(trial.real_path).name}: {exc}") from exc
-            return to_pil(self._tensor(image, self.pair(latent))[0])
+    def quiz_real_image(self, trial: Trial) -> Image.Image:
+        """A real trial's image through the models' input transform (the size a sample has)."""
+        try:
+            image = load_image(trial.real_path)
+        except ImageLoadError as exc:
+            raise StudioError(f"Cannot show {Path(trial.real_path).name}: {exc}") from exc
+        return to_pil(self._tensor(image, self.pair(self.default_latent))[0])
+
+    def quiz_synthetic_images(
+        self, trials: list[Trial], progress: Callable[[float], None] | None = None
+    ) -> dict[int, Image.Image]:
+        """The synthetic trials' images, by trial index: default samples of each trial's seed,
+        drawn in batches (per-sample seeds, so each is the image it would be alone)."""
         candidates = DEFAULT_CANDIDATES if self.has_critic else 1
-        return self.generate(latent, 1, DEFAULT_TEMPERATURE, trial.seed, progress=progress,
-                             detail_temperature=DEFAULT_DETAIL_TEMPERATURE, candidates=candidates)[0]  # fmt: skip
+        drawn: dict[int, Image.Image] = {}
+        for start in range(0, len(trials), MAX_SAMPLES):
+            batch = trials[start : start + MAX_SAMPLES]
+            images = self.generate(self.default_latent, len(batch), DEFAULT_TEMPERATURE, [t.seed for t in batch],
+                                   progress=_part(progress, start / len(trials), len(batch) / len(trials)),
+                                   detail_temperature=DEFAULT_DETAIL_TEMPERATURE, candidates=candidates)  # fmt: skip
+            drawn |= {t.index: img for t, img in zip(batch, images, strict=True)}
+        return drawn
+
+
+def _part(progress: Callable[[float], None] | None, start: float, share: float):
+    return None if progress is None else (lambda f: progress(start + share * f))
 
 
 def mask_to_codes(mask: Image.Image | np.ndarray | Sequence[np.ndarray] | None, grid: int) -> torch.Tensor:

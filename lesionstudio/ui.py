@@ -323,7 +323,7 @@ def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None) -> None:
         trial = q.session.current()
         img = q.drawn.pop(trial.index, None)
         if img is None:  # a real image: it loads at once
-            img = studio.quiz_image(trial)
+            img = studio.quiz_real_image(trial)
         return files.png(img), f"Image {trial.index + 1} of {len(q.session.trials)}"
 
     @user_errors
@@ -332,9 +332,7 @@ def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None) -> None:
         # Synthetic images are drawn before the study starts: drawing one while the reader waits
         # would take seconds where a real one appears at once, and give the answer away.
         synthetic = [t for t in q.session.trials if t.real_path is None]
-        for i, trial in enumerate(synthetic):
-            progress(i / len(synthetic), desc=f"preparing the study: synthetic image {i + 1} of {len(synthetic)}")
-            q.drawn[trial.index] = studio.quiz_image(trial)
+        q.drawn = studio.quiz_synthetic_images(synthetic, lambda f: progress(f, desc="preparing the study"))
         return q, *shown(q), gr.update(visible=True), "", None
 
     @user_errors

@@ -150,3 +150,15 @@ def test_zip_images():
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         assert zf.namelist() == ["lesion_000.png", "lesion_001.png"]
         assert Image.open(io.BytesIO(zf.read("lesion_001.png"))).size == (16, 16)
+
+
+def test_quiz_images_drawn_together_are_each_the_image_drawn_alone(studio: Studio):
+    from lesionstudio.readerstudy import Trial
+
+    trials = [Trial(i, "synthetic", seed=s) for i, s in enumerate((11, 12345, 7))]
+    together = studio.quiz_synthetic_images(trials)
+    assert sorted(together) == [0, 1, 2]
+    for t in trials:
+        alone = studio.quiz_synthetic_images([t])[t.index]
+        assert np.array_equal(np.asarray(alone), np.asarray(together[t.index]))
+    assert not np.array_equal(np.asarray(together[0]), np.asarray(together[1]))
