@@ -32,41 +32,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from .data import eval_transform, find_images, load_image, split_indices, to_pil
-from .features import EncoderFeatures, FeatureSet, cached, compute, feature_model
+from .features import EncoderFeatures, FeatureModel, FeatureSet, cached, compute, feature_model
 from .files import atomic_write
 from .hubmodel import CheckpointError
-
-# On isic256, held-out real images had ratios down to 0.29 (features) and 0.37 (pixels), and
-# flipped, turned or JPEG re-saved copies of training images 0.03-0.13.
-DEFAULT_THRESHOLD = 0.25
+from .neighbours import DEFAULT_THRESHOLD, nearest
 
 
-@dataclass
-class Neighbours:
-    index: torch.Tensor  # [Q] nearest training image per query
-    distance: torch.Tensor  # [Q]
-
-
-def nearest(
-    queries: torch.Tensor, train: torch.Tensor, exclude: torch.Tensor | None = None, chunk: int = 256
-) -> Neighbours:
-    """Nearest training row for each query; queries [Q, F] or [Q, V, F] (V orientations: the
-    smallest distance over them counts), train [N, F]. Euclidean distance. ``exclude`` [Q]: a
-    training row each query may not match (itself, for leave-one-out distances)."""
-    if queries.ndim == 2:
-        queries = queries[:, None]
-    idx, dist = [], []
-    train = train.float()
-    for s in range(0, len(queries), chunk):
-        q = queries[s : s + chunk].float()
-        d = torch.cdist(q.reshape(-1, q.shape[-1]), train).view(q.shape[0], q.shape[1], -1)
-        d = d.min(dim=1).values  # best orientation per training image
-        if exclude is not None:
-            d[torch.arange(len(q)), exclude[s : s + chunk]] = float("inf")
-        best = d.min(dim=1)
-        idx.append(best.indices)
-        dist.append(best.values)
-    return Neighbours(torch.cat(idx), torch.cat(dist))
+class MemorizationError(ValueError):
+    """Inputs the memorisation check cannot measure: no generated images, a degenerate reference."""
 
 
 @dataclass
@@ -93,7 +66,7 @@ def check(
         ref = nearest(ho_f, tr_f).distance
         typical = float(ref.median())
         if typical <= 0:
-            raise ValueError(f"held-out images have a median {space} distance of 0 to the training set: "
+            raise MemorizationError(f"held-out images have a median {space} distance of 0 to the training set: "
                              "are the held-out images copies of training images?")  # fmt: skip
         nn = nearest(gen_f, tr_f)
         ratio = nn.distance / typical
@@ -220,7 +193,7 @@ def split_train_heldout(
     else:
         tr_idx, val_idx = split_indices(len(files), fraction, seed)
         if not val_idx:
-            raise ValueError(f"--holdout-fraction {fraction} leaves no held-out images among {len(files)}")
+            raise MemorizationError(f"--holdout-fraction {fraction} leaves no held-out images among {len(files)}")
         held = [files[i] for i in val_idx]
         files = [files[i] for i in tr_idx]
     rng = np.random.default_rng(seed)
@@ -229,7 +202,44 @@ def split_train_heldout(
     return files, held
 
 
-def main(argv: list[str] | None = None) -> None:
+def generated_files(generated_dir: Path, out: Path) -> list[Path]:
+    """The generated images: the folder's images but the report's own (when it is written inside)."""
+    files = [f for f in find_images(generated_dir) if not f.resolve().is_relative_to(out)]
+    if not files:
+        raise MemorizationError(f"no images found under {generated_dir}")
+    return files
+
+
+def measure(
+    model: FeatureModel,
+    generated: list[Path],
+    train: list[Path],
+    heldout: list[Path],
+    threshold: float = DEFAULT_THRESHOLD,
+    cache: Path | None = None,
+) -> Report:
+    """Features of the three image sets (training ones cached; the others in all 8 orientations), checked."""
+    extractor = EncoderFeatures(model.vqvae)
+    train_set = cached(train, extractor, cache, desc="training images")
+    held = compute(heldout, extractor, all_orientations=True, desc="held-out images")
+    gen = compute(generated, extractor, all_orientations=True, desc="generated images")
+    return check(gen, train_set, held, threshold)
+
+
+def print_summary(report: Report, threshold: float, out: Path) -> None:
+    s = report.summary
+    print(f"{s['generated']} generated vs {s['train']} training images; reference: {s['heldout']} held-out images")
+    for space in ("feature", "pixel"):
+        q = s[space]
+        print(f"\n{space} space: typical held-out NN distance {q['typical_heldout_distance']:.4g}; "
+              f"generated ratio quantiles {q['generated_ratio_quantiles']}; "
+              f"held-out ratio quantiles {q['heldout_ratio_quantiles']}")  # fmt: skip
+        print(histogram([r[f"{space}_ratio"] for r in report.rows]))
+    print(f"\nflagged (ratio < {threshold} in either space): {s['flagged']} of {s['generated']}")
+    print(f"wrote {out / 'memorization.csv'}, {out / 'closest_pairs.png'}, {out / 'closest_pairs.html'}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lesionstudio.memorization", description=__doc__.split("\n\n")[0])
     p.add_argument("--generated", type=Path, required=True, help="folder of generated images")
     p.add_argument("--train", type=Path, required=True, help="the training images' folder")
@@ -248,40 +258,24 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.threshold > 0:
         raise SystemExit("--threshold must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = (args.out or args.generated / "memorization").resolve()
     try:
-        run(args)
+        generated = generated_files(args.generated, out)
+        train, heldout = split_train_heldout(
+            args.train, args.heldout, args.holdout_fraction, args.seed, args.heldout_limit
+        )
+        model = feature_model(args.feature_model, args.checkpoints, args.generated)
+        print(model.describe())
+        report = measure(model, generated, train, heldout, args.threshold, args.cache)
+        write_report(report, out, top=args.top)
     except (FileNotFoundError, ValueError, CheckpointError) as exc:
         raise SystemExit(f"error: {exc}") from exc
-
-
-def run(args: argparse.Namespace) -> Report:
-    out = (args.out or args.generated / "memorization").resolve()
-    # The report's own PNGs (when it is written inside the generated folder) are not samples.
-    gen_files = [f for f in find_images(args.generated) if not f.resolve().is_relative_to(out)]
-    if not gen_files:
-        raise SystemExit(f"no images found under {args.generated}")
-    train_files, held_files = split_train_heldout(
-        args.train, args.heldout, args.holdout_fraction, args.seed, args.heldout_limit
-    )
-    chosen = feature_model(args.feature_model, args.checkpoints, args.generated)
-    print(chosen.describe())
-    extractor = EncoderFeatures(chosen.vqvae)
-    train = cached(train_files, extractor, args.cache, desc="training images")
-    held = compute(held_files, extractor, all_orientations=True, desc="held-out images")
-    gen = compute(gen_files, extractor, all_orientations=True, desc="generated images")
-    report = check(gen, train, held, args.threshold)
-    write_report(report, out, top=args.top)
-    s = report.summary
-    print(f"{s['generated']} generated vs {s['train']} training images; reference: {s['heldout']} held-out images")
-    for space in ("feature", "pixel"):
-        q = s[space]
-        print(f"\n{space} space: typical held-out NN distance {q['typical_heldout_distance']:.4g}; "
-              f"generated ratio quantiles {q['generated_ratio_quantiles']}; "
-              f"held-out ratio quantiles {q['heldout_ratio_quantiles']}")  # fmt: skip
-        print(histogram([r[f"{space}_ratio"] for r in report.rows]))
-    print(f"\nflagged (ratio < {args.threshold} in either space): {s['flagged']} of {s['generated']}")
-    print(f"wrote {out / 'memorization.csv'}, {out / 'closest_pairs.png'}, {out / 'closest_pairs.html'}")
-    return report
+    print_summary(report, args.threshold, out)
 
 
 if __name__ == "__main__":

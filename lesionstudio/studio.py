@@ -26,7 +26,7 @@ from . import metrics
 from .data import ImageLoadError, eval_transform, find_images, load_image, to_pil
 from .features import EncoderFeatures, cached, compute, dihedral, feature_transform
 from .hub import LATENTS, available_latents, default_source, has_critic, load_stack
-from .memorization import DEFAULT_THRESHOLD, nearest
+from .neighbours import DEFAULT_THRESHOLD, nearest
 from .plots import codebook_usage_figure
 from .readerstudy import Trial, plan_trials
 from .stack import ModelStack, inpaint_stack, sample_ranked, sample_stack
