@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from lesionstudio.codes import CodeSet, codes_key, load_or_extract
 from lesionstudio.data import LesionImageFolder, dihedral_variant, eval_transform, split_indices
-from lesionstudio.evaluate import prior_bits
 from lesionstudio.metrics import entropy_bits, usage_histogram
 from lesionstudio.pixelcnn import GatedPixelCNN
 from lesionstudio.plots import write_curves
 from lesionstudio.sampling import sample
+from lesionstudio.scoring import prior_bits
 from lesionstudio.vqvae import VQVAE
 
 from . import common

@@ -28,9 +28,9 @@ from lesionstudio.data import (
     split_indices,
     train_transform,
 )
-from lesionstudio.evaluate import codebook_usage, evaluate
 from lesionstudio.hub import LATENTS
 from lesionstudio.plots import write_curves
+from lesionstudio.scoring import codebook_usage, evaluate
 from lesionstudio.vqvae import VQVAE, ResidualBlock
 
 from . import common
