@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, RandomSampler
 
+from lesionstudio.files import atomic_file
+
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -107,22 +109,6 @@ def check_output_dir(out: Path, need_bytes: int) -> None:
         raise SystemExit(
             f"error: only {free / 2**20:.0f} MiB free under {out}; training needs about {need_bytes / 2**20:.0f} MiB"
         )
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over the target:
-    a crash mid-write leaves the previous checkpoint intact."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
@@ -221,18 +207,18 @@ class Optimization:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, path: Path, epoch: int) -> None:
-        atomic_save(
-            {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": rng_state(),
-                "epoch": epoch,
-                "config": getattr(self.model, "config", {}),
-            },
-            path,
-        )
+        """An atomic checkpoint: a crash mid-write leaves the previous one intact."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "epoch": epoch,
+            "config": getattr(self.model, "config", {}),
+        }
+        with atomic_file(path) as f:
+            torch.save(state, f)
 
     def resume(self, out: Path, resume: bool, device: torch.device, is_main: bool) -> int:
         """Load OUT/checkpoint.pt when resuming and return the epochs already done (0 for a fresh run)."""
