@@ -9,8 +9,6 @@ VQ-VAE whose decoder alone changed keeps its cache.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import npzcache
 from .data import LesionImageFolder, collate_skip_bad
-from .files import atomic_write
 from .vqvae import VQVAE
 
 
@@ -90,18 +88,10 @@ def load_or_extract(
 ) -> CodeSet:
     """Codes from `cache` if it was made by the same model from the same files, else encode and save."""
     key = {"model": model_key, "files": [str(p) for p in dataset.files], "targets": list(dataset.targets)}
-    key_path = cache.with_suffix(".key.json")
-    if cache.exists() and key_path.exists():
-        try:
-            if json.loads(key_path.read_text()) == key:
-                with np.load(cache, allow_pickle=False) as z:
-                    return CodeSet(z["codes"], z["labels"], [str(f) for f in z["files"]])
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable cache: rebuild it
+    found = npzcache.load(cache, key, ("codes", "labels", "files"))
+    if found is not None:
+        return CodeSet(found["codes"], found["labels"], [str(f) for f in found["files"]])
     codeset = extract_codes(model, dataset, device, batch_size)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(buf, codes=codeset.codes, labels=codeset.labels, files=np.array(codeset.files))
-    atomic_write(cache, buf.getvalue())
-    key_path.write_text(json.dumps(key))
+    arrays = {"codes": codeset.codes, "labels": codeset.labels, "files": np.array(codeset.files)}
+    npzcache.save(cache, key, arrays)
     return codeset

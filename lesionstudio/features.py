@@ -19,9 +19,6 @@ the files' sizes and modification times; no pickle).
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,9 +32,9 @@ from torch import nn
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from . import npzcache
 from .codes import state_sha256
 from .data import dihedral_variant, load_image
-from .files import atomic_write
 from .hub import load_stack
 from .hubmodel import CheckpointError
 from .vqvae import VQVAE
@@ -166,25 +163,16 @@ def cached(
     files (same sizes and modification times); anything else is recomputed and the cache rewritten."""
     key = {"weights": extractor.weights_key, "pooling": extractor.pooling, "grid": extractor.grid,
            "pixel_size": PIXEL_SIZE, "scaling": "quantile-0.005", "files": _files_key(files)}  # fmt: skip
-    blob = json.dumps(key, sort_keys=True).encode()
-    cache = cache or cache_dir() / f"features-{hashlib.sha256(blob).hexdigest()[:20]}.npz"
-    key_path = cache.with_suffix(".key.json")
-    if cache.exists() and key_path.exists():
-        try:
-            if json.loads(key_path.read_text()) == json.loads(blob):
-                with np.load(cache, allow_pickle=False) as z:
-                    return FeatureSet([Path(f) for f in z["files"]], torch.from_numpy(z["features"]),
-                                      torch.from_numpy(z["pixels"]))  # fmt: skip
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable cache: recompute
+    cache = cache or cache_dir() / f"features-{npzcache.digest(key)}.npz"
+    found = npzcache.load(cache, key, ("files", "features", "pixels"))
+    if found is not None:
+        features, pixels = torch.from_numpy(found["features"]), torch.from_numpy(found["pixels"])
+        return FeatureSet([Path(f) for f in found["files"]], features, pixels)
     fs = compute(files, extractor, batch_size=batch_size, desc=desc)
+    files_array = np.array([str(p) for p in fs.files])
+    arrays = {"files": files_array, "features": fs.features.numpy(), "pixels": fs.pixels.numpy()}
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        np.savez(buf, files=np.array([str(p) for p in fs.files]), features=fs.features.numpy(),
-                 pixels=fs.pixels.numpy())  # fmt: skip
-        atomic_write(cache, buf.getvalue())
-        key_path.write_text(blob.decode())
+        npzcache.save(cache, key, arrays)
     except OSError as exc:  # a read-only cache only costs time
         tqdm.write(f"could not write the feature cache {cache}: {exc}")
     return fs
