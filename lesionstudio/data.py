@@ -297,6 +297,14 @@ class LesionImageFolder(Dataset):
         sub.targets = [self.targets[i] for i in indices]
         return sub
 
+    def limited(self, limit: int | None, seed: int) -> LesionImageFolder:
+        """A seeded random subset of ``limit`` of these files, in their order (all when limit is
+        None or not smaller): the trainers' ``--limit``."""
+        if limit is None or limit >= len(self):
+            return self
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
+        return self.subset(sorted(perm[:limit]))
+
     def with_transform(self, transform: Callable[[Image.Image], torch.Tensor]) -> LesionImageFolder:
         sub = self.subset(range(len(self)))
         sub.transform = transform

@@ -79,9 +79,7 @@ def encode_dataset(
     if variant:
         cache = cache.replace(".npz", f"_d{variant}.npz")
     ds = LesionImageFolder(args.data, transform=transform, labels_csv=args.labels, label_column=args.label_column)
-    if args.limit is not None and args.limit < len(ds):
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        ds = ds.subset(sorted(perm[: args.limit]))
+    ds = ds.limited(args.limit, args.seed)
     codes = load_or_extract(args.out / cache, vq, ds, codes_key(vq), device)
     return codes, ds.classes
 

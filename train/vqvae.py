@@ -150,11 +150,7 @@ def warm_start(model: VQVAE, source: VQVAE) -> None:
 
 def load_data(args: argparse.Namespace) -> tuple[LesionImageFolder, LesionImageFolder]:
     full = LesionImageFolder(args.data, transform=train_transform(args.image_size, crop=args.crop or None))
-    indices = list(range(len(full)))
-    if args.limit is not None and args.limit < len(full):
-        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        indices = sorted(perm[: args.limit])
-        full = full.subset(indices)
+    full = full.limited(args.limit, args.seed)
     train_idx, val_idx = split_indices(len(full), args.val_fraction, seed=args.seed)
     train_set = full.subset(train_idx)
     val_set = full.subset(val_idx).with_transform(eval_transform(args.image_size))
