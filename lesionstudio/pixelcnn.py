@@ -97,6 +97,10 @@ class CoarseCondition(nn.Module):
         return F.interpolate(x, size=size, mode="nearest")
 
 
+class ClassNameError(ValueError):
+    """A class name the prior cannot condition on."""
+
+
 class GatedPixelCNN(
     HubModel,
     library_name="lesionstudio",
@@ -214,6 +218,17 @@ class GatedPixelCNN(
         for layer, bias in zip(self.layers, self.biases(labels, coarse, codes.shape[1:]), strict=True):
             v, h = layer(v, h, bias)
         return self.head(h)
+
+    def class_label(self, name: str | None) -> int | None:
+        """The label of a class name; None for "any" (or none), whose class is drawn by the
+        training frequencies. Raises ClassNameError for a class this prior does not know."""
+        if name in (None, "", "any"):
+            return None
+        if not self.num_classes:
+            raise ClassNameError(f"this prior is unconditional: class {name!r} cannot be honoured; use any")
+        if name not in self.class_names:
+            raise ClassNameError(f"unknown class {name!r}; this prior knows {', '.join(self.class_names)} (or any)")
+        return self.class_names.index(name)
 
     def class_probabilities(self) -> torch.Tensor:
         counts = torch.tensor(self.class_counts, dtype=torch.float64)

@@ -155,13 +155,7 @@ def synthesize(
         raise ValueError(f"--candidates must be at least 1, got {candidates}")
     if candidates > 1 and pair.critic is None:
         raise CheckpointError(f"--candidates {candidates} needs a realism critic (critic/) in {pair.source}")
-    fixed_label = None
-    if class_name not in ("", "any", None):
-        if not prior.num_classes:
-            raise ValueError(f"this prior is unconditional: --class {class_name} cannot be honoured; use --class any")
-        if class_name not in prior.class_names:
-            raise ValueError(f"unknown class {class_name!r}; this prior knows {', '.join(prior.class_names)} (or any)")
-        fixed_label = prior.class_names.index(class_name)
+    fixed_label = prior.class_label(class_name)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
