@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hubmodel import WEIGHTS_LICENSE, HubModel, check_int
+from .vqvae import check_codes
 
 
 def gate(x: torch.Tensor) -> torch.Tensor:
@@ -173,10 +174,8 @@ class GatedPixelCNN(
         return self.cond_num_codes > 0
 
     def check_codes(self, codes: torch.Tensor) -> None:
-        if codes.ndim != 3:
-            raise ValueError(f"expected codes [B, h, w], got shape {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codes):
-            raise ValueError(f"codes must be in [0, {self.num_codes})")
+        """Raise ValueError unless codes is a [B, h, w] grid of this prior's codes."""
+        check_codes(codes, self.num_codes)
 
     def check_inputs(
         self, codes: torch.Tensor, labels: torch.Tensor | None, coarse: torch.Tensor | None = None
@@ -200,7 +199,13 @@ class GatedPixelCNN(
                 f"this prior is conditioned on a {self.cond_grid_size}x{self.cond_grid_size} coarse code grid; "
                 "pass coarse=[B, hc, wc] codes"
             )
-        check_coarse(shape, coarse, self.cond_num_codes)
+        b, h, w = shape
+        if coarse.ndim != 3 or coarse.shape[0] != b:
+            raise ValueError(f"expected coarse codes [{b}, hc, wc], got shape {tuple(coarse.shape)}")
+        hc, wc = coarse.shape[1:]
+        if h % hc or w % wc or h // hc != w // wc:
+            raise ValueError(f"a {h}x{w} grid is not a whole multiple of its {hc}x{wc} coarse grid")
+        check_codes(coarse, self.cond_num_codes, "coarse codes")
 
     def biases(
         self, labels: torch.Tensor | None, coarse: torch.Tensor | None, size: tuple[int, int]
@@ -271,14 +276,3 @@ class GatedPixelCNN(
         grid, for a hierarchical prior; the class marginalised out when labels is None)."""
         return self.bits_from(self.grid_log_likelihoods(codes, labels, coarse), codes[0].numel())
 
-
-def check_coarse(shape: torch.Size | tuple[int, ...], coarse: torch.Tensor, num_codes: int) -> None:
-    """A coarse grid must be [B, hc, wc] codes in [0, num_codes) that tile the fine grid [B, h, w]."""
-    b, h, w = shape
-    if coarse.ndim != 3 or coarse.shape[0] != b:
-        raise ValueError(f"expected coarse codes [{b}, hc, wc], got shape {tuple(coarse.shape)}")
-    hc, wc = coarse.shape[1:]
-    if h % hc or w % wc or h // hc != w // wc:
-        raise ValueError(f"a {h}x{w} grid is not a whole multiple of its {hc}x{wc} coarse grid")
-    if coarse.numel() and (int(coarse.min()) < 0 or int(coarse.max()) >= num_codes):
-        raise ValueError(f"coarse codes must be in [0, {num_codes})")

@@ -238,6 +238,14 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
+def check_codes(codes: torch.Tensor, num_codes: int, what: str = "codes") -> None:
+    """Raise ValueError unless codes is a [B, h, w] grid of code indices in [0, num_codes)."""
+    if codes.ndim != 3:
+        raise ValueError(f"expected {what} [B, h, w], got shape {tuple(codes.shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= num_codes):
+        raise ValueError(f"{what} must be in [0, {num_codes}), got [{int(codes.min())}, {int(codes.max())}]")
+
+
 class VQVAE(
     HubModel,
     library_name="lesionstudio",
@@ -339,10 +347,7 @@ class VQVAE(
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] for code indices [B, h, w]."""
-        if codes.ndim != 3:
-            raise ValueError(f"expected codes [B, h, w], got shape {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codes):
-            raise ValueError(f"codes must be in [0, {self.num_codes}), got [{int(codes.min())}, {int(codes.max())}]")
+        check_codes(codes, self.num_codes)
         return (self.decoder(self.quantizer.lookup(codes.long())) + 0.5).clamp(0, 1)
 
     @torch.no_grad()
