@@ -35,12 +35,15 @@ from tqdm import tqdm
 from . import npzcache
 from .codes import state_sha256
 from .data import dihedral_variant, load_image
-from .hub import load_stack
+from .hub import LATENTS, load_stack
 from .hubmodel import CheckpointError
 from .vqvae import VQVAE
 
 PIXEL_SIZE = 32
 CACHE_ENV = "LESIONSTUDIO_CACHE"
+# The shipped VQ-VAEs whose encoders may give the features: not the 16x16 layout level's, whose
+# grid is coarser than the copy threshold was set with.
+FEATURE_LATENTS = tuple(n for n in LATENTS if n >= 32)
 
 
 class EncoderFeatures(nn.Module):
@@ -207,7 +210,7 @@ def feature_model(path: str | None, source: str | None, generated_dir: Path | No
     if path:
         return FeatureModel(VQVAE.from_pretrained(path).eval(), str(path))
     made_by = generating_latent(generated_dir) if generated_dir else None
-    order = sorted((32, 64, 128), key=lambda n: (n == made_by, n))
+    order = sorted(FEATURE_LATENTS, key=lambda n: (n == made_by, n))
     last: Exception | None = None
     for latent in order:
         try:
