@@ -153,155 +153,253 @@ def random_crops(codes: torch.Tensor, size: int, gen: torch.Generator | None = N
     return torch.stack([codes[i, y : y + size, x : x + size] for i, (y, x) in enumerate(zip(ys, xs, strict=True))])
 
 
+@dataclass
+class Encoded:
+    """The codes of one dihedral variant of every image, and their coarse codes for a hierarchical prior."""
+
+    codes: CodeSet
+    coarse: CodeSet | None
+    classes: list[str]
+
+
+@dataclass
+class Run:
+    """What the steps of a training run share."""
+
+    args: argparse.Namespace
+    device: torch.device
+    d: common.Dist
+    vq: VQVAE
+    coarse_vq: VQVAE | None  # the coarser grid's VQ-VAE of a hierarchical prior
+    classes: list[str]
+    train_set: Grids  # every dihedral variant of the training images
+    val_set: Grids  # the validation images as they are
+    model: GatedPixelCNN
+    opt: common.Optimization
+    unigram: float  # bits per code of a model that ignores context
+
+    @property
+    def conditional(self) -> bool:
+        return self.args.labels is not None
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.coarse_vq is not None
+
+    @property
+    def grid(self) -> int:
+        return self.val_set.codes.shape[1]
+
+
+@dataclass
+class EpochStats:
+    loss: float  # summed over the steps, in nats per code
+    steps: int
+    codes: int
+    seconds: float
+
+
 def main(argv: list[str] | None = None) -> None:
     common.run(train, parse_args(argv))
 
 
 def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> None:
-    out: Path = args.out
+    run = prepare(args, device, d)
+    start_epoch = run.opt.resume(args.out, args.resume, device, d.is_main)
+    net = DistributedDataParallel(run.model) if d.enabled else run.model
     if d.is_main:
-        common.check_output_dir(out, need_bytes=200 * 2**20)
+        print(describe(run))
+    for epoch in range(start_epoch, args.epochs):
+        stats = train_epoch(run, net, epoch)
+        if d.is_main:
+            end_epoch(run, epoch, stats)
+    if d.is_main:
+        export(run)
+
+
+def prepare(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Run:
+    """Check the output folder, load the VQ-VAEs, encode and split the images, build the model."""
+    if d.is_main:
+        common.check_output_dir(args.out, need_bytes=200 * 2**20)
     vq = VQVAE.from_pretrained(args.vqvae).to(device).eval()
     coarse_vq = load_coarse_vqvae(args.coarse_vqvae, vq, device) if args.coarse_vqvae else None
     if coarse_vq is not None and args.crop:
         raise SystemExit("--crop is not supported with --coarse-vqvae: train on whole grids")
+    encoded = encode_variants(args, vq, coarse_vq, device, d)
+    train_set, val_set, train_labels = split_grids(args, encoded)
+    classes = encoded[0].classes
+    common.seed_everything(args.seed)
+    model = build_model(args, vq, coarse_vq, classes, train_labels).to(device)
+    if args.init_from:  # a --resume checkpoint, when there is one, then replaces these weights
+        init_from(model, args.init_from)
+    steps_per_epoch = max(1, len(train_set) // (args.batch_size * d.world_size))
+    opt = common.Optimization.create(model, args.lr, steps_per_epoch * args.epochs, args.warmup_steps, device)
+    unigram = entropy_bits(usage_histogram(train_set.codes, vq.num_codes))
+    return Run(args, device, d, vq, coarse_vq, classes, train_set, val_set, model, opt, unigram)
 
-    def encode_all(variant: int) -> tuple[CodeSet, CodeSet | None, list[str]]:
-        codeset, classes = encode_dataset(args, vq, device, variant=variant)
-        coarse_set = None
-        if coarse_vq is not None:
-            coarse_set = encode_dataset(args, coarse_vq, device, "coarse_codes.npz", variant)[0]
-        if coarse_set is not None and coarse_set.files != codeset.files:
-            raise SystemExit("the two VQ-VAEs read different images (a file became unreadable?); delete the caches")
-        return codeset, coarse_set, classes
 
+def encode_all(
+    args: argparse.Namespace, vq: VQVAE, coarse_vq: VQVAE | None, device: torch.device, variant: int
+) -> Encoded:
+    """The codes (and coarse codes) of dihedral variant `variant` of every image."""
+    codeset, classes = encode_dataset(args, vq, device, variant=variant)
+    coarse_set = None
+    if coarse_vq is not None:
+        coarse_set = encode_dataset(args, coarse_vq, device, "coarse_codes.npz", variant)[0]
+    if coarse_set is not None and coarse_set.files != codeset.files:
+        raise SystemExit("the two VQ-VAEs read different images (a file became unreadable?); delete the caches")
+    return Encoded(codeset, coarse_set, classes)
+
+
+def encode_variants(
+    args: argparse.Namespace, vq: VQVAE, coarse_vq: VQVAE | None, device: torch.device, d: common.Dist
+) -> list[Encoded]:
+    """Every variant's codes: rank 0 encodes (and caches) them, the other ranks then read the caches."""
     variants = range(args.dihedral)
-    encoded = [encode_all(k) for k in variants] if d.is_main else None
-    if d.enabled:  # rank 0 encoded (and cached) the codes; the others read the cache
+    encoded = [encode_all(args, vq, coarse_vq, device, k) for k in variants] if d.is_main else []
+    if d.enabled:
         torch.distributed.barrier()
         if not d.is_main:
-            encoded = [encode_all(k) for k in variants]
-    assert encoded is not None
-    classes = encoded[0][2]
+            encoded = [encode_all(args, vq, coarse_vq, device, k) for k in variants]
+    return encoded
+
+
+def split_grids(args: argparse.Namespace, encoded: list[Encoded]) -> tuple[Grids, Grids, torch.Tensor]:
+    """Training grids (every variant), validation grids (the originals) and the training images'
+    labels; a conditional prior keeps the labelled images only."""
     conditional = args.labels is not None
-    grids = [Grids.of(codeset, coarse_set, conditional) for codeset, coarse_set, _ in encoded]
-    if conditional and len(grids[0]) < len(encoded[0][0].labels):
-        print(f"dropping {len(encoded[0][0].labels) - len(grids[0])} images without a label")
+    grids = [Grids.of(e.codes, e.coarse, conditional) for e in encoded]
+    n_read = len(encoded[0].codes.labels)
+    if conditional and len(grids[0]) < n_read:
+        print(f"dropping {n_read - len(grids[0])} images without a label")
     train_idx, val_idx = split_indices(len(grids[0]), args.val_fraction, seed=args.seed)
     # Variants of a validation image stay out of training.
     train_set = Grids.cat([g.take(train_idx) for g in grids])
-    val_set = grids[0].take(val_idx)
-    train_codes, val_codes, val_labels, val_coarse = train_set.codes, val_set.codes, val_set.labels, val_set.coarse
-    originals = grids[0].take(train_idx).labels  # class frequencies of the images, not of their variants
-    grid = val_codes.shape[1]
-    hier = coarse_vq is not None
+    # Class frequencies are those of the images, not of their variants.
+    return train_set, grids[0].take(val_idx), grids[0].take(train_idx).labels
 
-    common.seed_everything(args.seed)
-    model = GatedPixelCNN(
+
+def build_model(
+    args: argparse.Namespace, vq: VQVAE, coarse_vq: VQVAE | None, classes: list[str], train_labels: torch.Tensor
+) -> GatedPixelCNN:
+    conditional = args.labels is not None
+    return GatedPixelCNN(
         num_codes=vq.num_codes,
         channels=args.channels,
         num_layers=args.layers,
         kernel_size=args.kernel,
         num_classes=len(classes) if conditional else 0,
-        grid_size=grid,
+        grid_size=vq.latent_size,
         code_dim=vq.code_dim,
         class_names=classes if conditional else None,
-        class_counts=[int((originals == i).sum()) for i in range(len(classes))] if conditional else None,
+        class_counts=[int((train_labels == i).sum()) for i in range(len(classes))] if conditional else None,
         cond_num_codes=coarse_vq.num_codes if coarse_vq is not None else 0,
         cond_grid_size=coarse_vq.latent_size if coarse_vq is not None else 0,
-    ).to(device)
-    if args.init_from:  # a --resume checkpoint, when there is one, then replaces these weights
-        init_from(model, args.init_from)
-    steps_per_epoch = max(1, len(train_codes) // (args.batch_size * d.world_size))
-    opt = common.Optimization.create(model, args.lr, steps_per_epoch * args.epochs, args.warmup_steps, device)
-    start_epoch = opt.resume(out, args.resume, device, d.is_main)
+    )
 
-    unigram = entropy_bits(usage_histogram(train_codes, vq.num_codes))
-    net = DistributedDataParallel(model) if d.enabled else model
-    dataset = train_set.dataset()
-    if d.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(
-            f"{len(train_codes)} training / {len(val_codes)} validation grids of {grid}x{grid} codes, "
-            f"K={vq.num_codes}, {'classes ' + ', '.join(classes) if conditional else 'unconditional'}, "
-            f"{f'on {val_coarse.shape[1]}x{val_coarse.shape[2]} coarse codes, ' if hier else ''}"
-            f"{f'{args.dihedral} turns of each image, ' if args.dihedral > 1 else ''}"
-            f"{n_params / 1e6:.2f} M params, unigram entropy {unigram:.3f} bits/code, {device}"
-        )
 
-    for epoch in range(start_epoch, args.epochs):
-        common.seed_everything(args.seed * 1000 + epoch * 10 + d.rank)
-        sampler = common.epoch_sampler(dataset, d, args.seed, epoch)
-        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True)
-        model.train()
-        total, n_steps, n_codes = 0.0, 0, 0
-        t0 = time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not d.is_main, mininterval=2)
-        for batch in bar:
-            batch_codes = random_crops(batch[0], args.crop).to(device)
-            lab = batch[1].to(device) if conditional else None
-            cg = batch[2].to(device) if hier else None
-            with opt.autocast():
-                logits = net(batch_codes, lab, cg)
-            loss = F.cross_entropy(logits.float(), batch_codes)
-            common.check_finite(loss, epoch, n_steps, out)
-            opt.step(loss)
-            total += loss.item()
-            n_steps += 1
-            n_codes += batch_codes.numel()
-            bar.set_postfix(bits=f"{loss.item() / math.log(2):.3f}")
-        elapsed = time.time() - t0
-        if not d.is_main:
-            continue
-        val_bits = prior_bits(
-            model,
-            val_codes.to(device),
-            val_labels.to(device) if conditional else None,
-            batch_size=32,
-            coarse=val_coarse.to(device) if hier else None,
-        )
-        record = {
-            "epoch": epoch + 1,
-            "epoch_seconds": elapsed,
-            "train_bits_per_code": total / max(n_steps, 1) / math.log(2),
-            "val_bits_per_code": val_bits,
-            "unigram_bits": unigram,
-            "codes_per_s": n_codes * d.world_size / max(elapsed, 1e-9),
-            "lr": opt.lr,
-        }
-        common.append_jsonl(out / "metrics.jsonl", record)
-        write_curves(
-            common.read_jsonl(out / "metrics.jsonl"),
-            {"negative log-likelihood (bits/code)": ["train_bits_per_code", "val_bits_per_code", "unigram_bits"]},
-            "Gated PixelCNN training",
-            out / "curves.html",
-        )
-        if args.samples:
-            model.eval()
-            # A hierarchical prior fills in the coarse codes of the first validation images.
-            n = min(args.samples, len(val_coarse)) if hier else args.samples
-            grids = sample(
-                model,
-                n,
-                shape=(grid, grid),
-                seed=args.seed + epoch,
-                labels=val_labels[:n] if hier and conditional else None,
-                coarse=val_coarse[:n].to(device) if hier else None,
-            )
-            save_image(vq.decode_codes(grids).cpu(), out / f"samples_epoch{epoch + 1:03d}.png", nrow=args.samples)
-        opt.save(out / common.CHECKPOINT, epoch + 1)
-        print(
-            f"epoch {epoch + 1}: train {record['train_bits_per_code']:.3f}, validation {val_bits:.3f} bits/code "
-            f"(unigram {unigram:.3f}), {record['codes_per_s']:.0f} codes/s"
-        )
+def describe(run: Run) -> str:
+    args, grid, val = run.args, run.grid, run.val_set
+    n_params = sum(p.numel() for p in run.model.parameters())
+    classes = "classes " + ", ".join(run.classes) if run.conditional else "unconditional"
+    coarse = f"on {val.coarse.shape[1]}x{val.coarse.shape[2]} coarse codes, " if val.coarse is not None else ""
+    turns = f"{args.dihedral} turns of each image, " if args.dihedral > 1 else ""
+    return (
+        f"{len(run.train_set)} training / {len(val)} validation grids of {grid}x{grid} codes, "
+        f"K={run.vq.num_codes}, {classes}, {coarse}{turns}"
+        f"{n_params / 1e6:.2f} M params, unigram entropy {run.unigram:.3f} bits/code, {run.device}"
+    )
 
-    if d.is_main:
-        final = out / "final"
-        model.eval()
-        model.save_pretrained(final)
-        print(f"exported {final}")
-        if args.push_to_hub:
-            common.push_to_hub(final, args.push_to_hub, f"pixelcnn-{model.grid_size}")
+
+def train_epoch(run: Run, net: torch.nn.Module, epoch: int) -> EpochStats:
+    """One pass over the training grids (this rank's share); everything random follows from (seed, epoch)."""
+    args, d, device = run.args, run.d, run.device
+    common.seed_everything(args.seed * 1000 + epoch * 10 + d.rank)
+    dataset = run.train_set.dataset()
+    sampler = common.epoch_sampler(dataset, d, args.seed, epoch)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+    run.model.train()
+    stats = EpochStats(0.0, 0, 0, 0.0)
+    t0 = time.time()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not d.is_main, mininterval=2)
+    for batch in bar:
+        codes = random_crops(batch[0], args.crop).to(device)
+        labels = batch[1].to(device) if run.conditional else None
+        coarse = batch[2].to(device) if run.hierarchical else None
+        with run.opt.autocast():
+            logits = net(codes, labels, coarse)
+        loss = F.cross_entropy(logits.float(), codes)
+        common.check_finite(loss, epoch, stats.steps, args.out)
+        run.opt.step(loss)
+        stats.loss += loss.item()
+        stats.steps += 1
+        stats.codes += codes.numel()
+        bar.set_postfix(bits=f"{loss.item() / math.log(2):.3f}")
+    stats.seconds = time.time() - t0
+    return stats
+
+
+def end_epoch(run: Run, epoch: int, stats: EpochStats) -> None:
+    """Rank 0: validate, log, draw samples, save the checkpoint."""
+    out = run.args.out
+    record = {
+        "epoch": epoch + 1,
+        "epoch_seconds": stats.seconds,
+        "train_bits_per_code": stats.loss / max(stats.steps, 1) / math.log(2),
+        "val_bits_per_code": validation_bits(run),
+        "unigram_bits": run.unigram,
+        "codes_per_s": stats.codes * run.d.world_size / max(stats.seconds, 1e-9),
+        "lr": run.opt.lr,
+    }
+    common.append_jsonl(out / "metrics.jsonl", record)
+    write_curves(
+        common.read_jsonl(out / "metrics.jsonl"),
+        {"negative log-likelihood (bits/code)": ["train_bits_per_code", "val_bits_per_code", "unigram_bits"]},
+        "Gated PixelCNN training",
+        out / "curves.html",
+    )
+    if run.args.samples:
+        write_samples(run, epoch)
+    run.opt.save(out / common.CHECKPOINT, epoch + 1)
+    print(
+        f"epoch {epoch + 1}: train {record['train_bits_per_code']:.3f}, "
+        f"validation {record['val_bits_per_code']:.3f} bits/code "
+        f"(unigram {run.unigram:.3f}), {record['codes_per_s']:.0f} codes/s"
+    )
+
+
+def validation_bits(run: Run) -> float:
+    val, device = run.val_set, run.device
+    labels = val.labels.to(device) if run.conditional else None
+    coarse = val.coarse.to(device) if val.coarse is not None else None
+    return prior_bits(run.model, val.codes.to(device), labels, batch_size=32, coarse=coarse)
+
+
+def write_samples(run: Run, epoch: int) -> None:
+    """Decoded samples; a hierarchical prior fills in the coarse codes of the first validation images."""
+    args, val = run.args, run.val_set
+    run.model.eval()
+    hier = val.coarse is not None
+    n = min(args.samples, len(val)) if hier else args.samples
+    grids = sample(
+        run.model,
+        n,
+        shape=(run.grid, run.grid),
+        seed=args.seed + epoch,
+        labels=val.labels[:n] if hier and run.conditional else None,
+        coarse=val.coarse[:n].to(run.device) if hier else None,
+    )
+    path = args.out / f"samples_epoch{epoch + 1:03d}.png"
+    save_image(run.vq.decode_codes(grids).cpu(), path, nrow=args.samples)
+
+
+def export(run: Run) -> None:
+    final = run.args.out / "final"
+    run.model.eval()
+    run.model.save_pretrained(final)
+    print(f"exported {final}")
+    if run.args.push_to_hub:
+        common.push_to_hub(final, run.args.push_to_hub, f"pixelcnn-{run.model.grid_size}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -157,14 +158,58 @@ def load_data(args: argparse.Namespace) -> tuple[LesionImageFolder, LesionImageF
     return train_set, val_set
 
 
+@dataclass
+class Run:
+    """What the steps of a training run share."""
+
+    args: argparse.Namespace
+    device: torch.device
+    d: common.Dist
+    model: VQVAE
+    opt: common.Optimization
+    train_set: LesionImageFolder
+    val_set: LesionImageFolder
+
+
+@dataclass
+class EpochStats:
+    sums: dict[str, float]  # of each loss term (and the perplexity) over the steps
+    steps: int
+    images: int
+    skipped: int  # unreadable images
+    seconds: float
+
+
+LOSS_TERMS = ("loss", "reconstruction", "codebook", "commitment", "perplexity")
+
+
 def main(argv: list[str] | None = None) -> None:
     common.run(train, parse_args(argv))
 
 
 def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> None:
-    out: Path = args.out
+    run = prepare(args, device, d)
+    start_epoch = run.opt.resume(args.out, args.resume, device, d.is_main)
+    net = DistributedDataParallel(run.model) if d.enabled else run.model
     if d.is_main:
-        common.check_output_dir(out, need_bytes=200 * 2**20)
+        n_params = sum(p.numel() for p in run.model.parameters())
+        side = run.model.latent_size
+        print(
+            f"{len(run.train_set)} training / {len(run.val_set)} validation images, {side}x{side} codes, "
+            f"K={run.model.num_codes}, {n_params / 1e6:.2f} M params, {device}"
+        )
+    for epoch in range(start_epoch, args.epochs):
+        stats = train_epoch(run, net, epoch)
+        if d.is_main:
+            end_epoch(run, epoch, stats)
+    if d.is_main:
+        export(run.model, run.train_set, args, device)
+
+
+def prepare(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Run:
+    """Check the output folder, read and split the images, build the model and its optimiser."""
+    if d.is_main:
+        common.check_output_dir(args.out, need_bytes=200 * 2**20)
     train_set, val_set = load_data(args)
     common.seed_everything(args.seed)  # same seed, same initial weights on every rank
     model = build_model(args).to(device)
@@ -173,76 +218,70 @@ def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Non
         model.quantizer.requires_grad_(False)
     steps_per_epoch = max(1, len(train_set) // (args.batch_size * d.world_size))
     opt = common.Optimization.create(model, args.lr, steps_per_epoch * args.epochs, args.warmup_steps, device)
-    start_epoch = opt.resume(out, args.resume, device, d.is_main)
+    return Run(args, device, d, model, opt, train_set, val_set)
 
-    net = DistributedDataParallel(model) if d.enabled else model
-    if d.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(
-            f"{len(train_set)} training / {len(val_set)} validation images, {model.latent_size}x"
-            f"{model.latent_size} codes, K={model.num_codes}, {n_params / 1e6:.2f} M params, {device}"
-        )
 
-    for epoch in range(start_epoch, args.epochs):
-        # Everything random in an epoch follows from (seed, epoch): a resumed run repeats it exactly.
-        common.seed_everything(args.seed * 1000 + epoch * 10 + d.rank)
-        loader = DataLoader(
-            train_set,
-            batch_size=args.batch_size,
-            sampler=common.epoch_sampler(train_set, d, args.seed, epoch),
-            num_workers=args.workers,
-            collate_fn=collate_skip_bad,
-            drop_last=len(train_set) >= args.batch_size * d.world_size,
-            persistent_workers=False,
-        )
-        model.train()
-        if args.freeze_encoder:
-            model.quantizer.eval()  # no EMA updates or restarts: every image keeps its codes
-        sums = {"loss": 0.0, "reconstruction": 0.0, "codebook": 0.0, "commitment": 0.0, "perplexity": 0.0}
-        n_steps = skipped = n_images = 0
-        t0 = time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not d.is_main, mininterval=2)
-        for batch in bar:
-            skipped += batch.skipped
-            if batch.images.numel() == 0:
-                continue
-            images = batch.images.to(device, non_blocking=True)
-            with opt.autocast():
-                _, stats = net(images)
-            loss = stats["loss"]
-            common.check_finite(loss, epoch, n_steps, out)
-            opt.step(loss)
-            n_steps += 1
-            n_images += images.shape[0]
-            for k in sums:
-                sums[k] += float(stats[k].detach())
-            bar.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{float(stats['perplexity']):.0f}")
-        elapsed = time.time() - t0
-
-        if not d.is_main:
+def train_epoch(run: Run, net: torch.nn.Module, epoch: int) -> EpochStats:
+    """One pass over this rank's share of the training images."""
+    args, d, model = run.args, run.d, run.model
+    # Everything random in an epoch follows from (seed, epoch): a resumed run repeats it exactly.
+    common.seed_everything(args.seed * 1000 + epoch * 10 + d.rank)
+    loader = DataLoader(
+        run.train_set,
+        batch_size=args.batch_size,
+        sampler=common.epoch_sampler(run.train_set, d, args.seed, epoch),
+        num_workers=args.workers,
+        collate_fn=collate_skip_bad,
+        drop_last=len(run.train_set) >= args.batch_size * d.world_size,
+        persistent_workers=False,
+    )
+    model.train()
+    if args.freeze_encoder:
+        model.quantizer.eval()  # no EMA updates or restarts: every image keeps its codes
+    stats = EpochStats(dict.fromkeys(LOSS_TERMS, 0.0), 0, 0, 0, 0.0)
+    t0 = time.time()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not d.is_main, mininterval=2)
+    for batch in bar:
+        stats.skipped += batch.skipped
+        if batch.images.numel() == 0:
             continue
-        record = {
-            "epoch": epoch + 1,
-            "epoch_seconds": elapsed,
-            "images_per_s": n_images * d.world_size / max(elapsed, 1e-9),
-        }
-        record.update({f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()})
-        record["train_quantization"] = record["train_codebook"] + args.beta * record["train_commitment"]
-        record["skipped_images"] = skipped
-        record["lr"] = opt.lr
-        val = evaluate(model, val_set, device=device, batch_size=args.batch_size, limit=args.val_limit)
-        record.update({f"val_{k}": val[k] for k in ("psnr", "ssim", "perplexity", "codes_used")})
-        write_epoch_outputs(model, val_set, device, out, epoch, record)
-        opt.save(out / common.CHECKPOINT, epoch + 1)
-        print(
-            f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, val PSNR {val['psnr']:.2f} dB, "
-            f"SSIM {val['ssim']:.3f}, perplexity {val['perplexity']:.0f}, codes used {val['codes_used']}/"
-            f"{model.num_codes}, {record['images_per_s']:.1f} img/s"
-            + (f", {skipped} unreadable images skipped" if skipped else "")
-        )
+        images = batch.images.to(run.device, non_blocking=True)
+        with run.opt.autocast():
+            _, terms = net(images)
+        loss = terms["loss"]
+        common.check_finite(loss, epoch, stats.steps, args.out)
+        run.opt.step(loss)
+        stats.steps += 1
+        stats.images += images.shape[0]
+        for k in stats.sums:
+            stats.sums[k] += float(terms[k].detach())
+        bar.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{float(terms['perplexity']):.0f}")
+    stats.seconds = time.time() - t0
+    return stats
 
-    if d.is_main:
-        export(model, train_set, args, device)
+
+def end_epoch(run: Run, epoch: int, stats: EpochStats) -> None:
+    """Rank 0: validate, log, save reconstructions and the checkpoint."""
+    args, model = run.args, run.model
+    record = {
+        "epoch": epoch + 1,
+        "epoch_seconds": stats.seconds,
+        "images_per_s": stats.images * run.d.world_size / max(stats.seconds, 1e-9),
+    }
+    record.update({f"train_{k}": v / max(stats.steps, 1) for k, v in stats.sums.items()})
+    record["train_quantization"] = record["train_codebook"] + args.beta * record["train_commitment"]
+    record["skipped_images"] = stats.skipped
+    record["lr"] = run.opt.lr
+    val = evaluate(model, run.val_set, device=run.device, batch_size=args.batch_size, limit=args.val_limit)
+    record.update({f"val_{k}": val[k] for k in ("psnr", "ssim", "perplexity", "codes_used")})
+    write_epoch_outputs(model, run.val_set, run.device, args.out, epoch, record)
+    run.opt.save(args.out / common.CHECKPOINT, epoch + 1)
+    print(
+        f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, val PSNR {val['psnr']:.2f} dB, "
+        f"SSIM {val['ssim']:.3f}, perplexity {val['perplexity']:.0f}, codes used {val['codes_used']}/"
+        f"{model.num_codes}, {record['images_per_s']:.1f} img/s"
+        + (f", {stats.skipped} unreadable images skipped" if stats.skipped else "")
+    )
 
 
 def write_epoch_outputs(
