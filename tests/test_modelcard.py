@@ -7,7 +7,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-from train.modelcard import LICENSE, LICENSE_NOTE, main
+from lesionstudio.hubmodel import WEIGHTS_LICENSE as LICENSE
+from train.modelcard import LICENSE_NOTE, main
 
 
 def _run(folder: Path, records: list[dict]) -> Path:

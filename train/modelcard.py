@@ -31,7 +31,6 @@ DATA_NOTE = (
     "published under CC-0, CC-BY or CC-BY-NC (HAM10000: CC BY-NC-SA 4.0); with per-image "
     "licences unknown, treat the weights as **research and non-commercial use only**."
 )
-LICENSE = WEIGHTS_LICENSE
 LICENSE_NOTE = (
     "Licence: the weights are released under CC BY-NC-SA 4.0 (`cc-by-nc-sa-4.0`), for research and "
     "non-commercial use only, as some of the ISIC training images require; the code is Apache-2.0."
@@ -145,7 +144,7 @@ def card_data(config: dict, evaluation: dict) -> ModelCardData:
     ]  # fmt: skip
     return ModelCardData(
         library_name="lesionstudio",
-        license=LICENSE,
+        license=WEIGHTS_LICENSE,
         pipeline_tag=kind.pipeline_tag,
         tags=list(kind.tags),
         model_name=title(config),
