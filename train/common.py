@@ -10,13 +10,15 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, RandomSampler
 
 from lesionstudio.files import atomic_file
@@ -247,6 +249,51 @@ def epoch_sampler(dataset: Any, d: Dist, seed: int, epoch: int) -> torch.utils.d
         sampler.set_epoch(epoch)
         return sampler
     return RandomSampler(dataset, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+
+
+class TrainingRun(Protocol):
+    """What :func:`fit` needs of a trainer's run."""
+
+    @property
+    def args(self) -> Any: ...  # the trainer's arguments: out, resume, epochs
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def d(self) -> Dist: ...
+
+    @property
+    def model(self) -> torch.nn.Module: ...
+
+    @property
+    def opt(self) -> Optimization: ...
+
+
+R = TypeVar("R", bound=TrainingRun)
+S = TypeVar("S")
+
+
+def fit(
+    run: R,
+    describe: Callable[[R], str],
+    train_epoch: Callable[[R, torch.nn.Module, int], S],
+    end_epoch: Callable[[R, int, S], None],
+    export: Callable[[R], None],
+) -> None:
+    """A prepared run's epochs: resume from OUT/checkpoint.pt, then train each remaining epoch on
+    every rank, with rank 0 describing the run first, ending each epoch and exporting at the end."""
+    args, d = run.args, run.d
+    start_epoch = run.opt.resume(args.out, args.resume, run.device, d.is_main)
+    net = DistributedDataParallel(run.model) if d.enabled else run.model
+    if d.is_main:
+        print(describe(run))
+    for epoch in range(start_epoch, args.epochs):
+        stats = train_epoch(run, net, epoch)
+        if d.is_main:
+            end_epoch(run, epoch, stats)
+    if d.is_main:
+        export(run)
 
 
 def run(train_fn: Any, args: Any) -> None:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.utils import save_image
 from tqdm import tqdm
@@ -204,17 +203,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> None:
-    run = prepare(args, device, d)
-    start_epoch = run.opt.resume(args.out, args.resume, device, d.is_main)
-    net = DistributedDataParallel(run.model) if d.enabled else run.model
-    if d.is_main:
-        print(describe(run))
-    for epoch in range(start_epoch, args.epochs):
-        stats = train_epoch(run, net, epoch)
-        if d.is_main:
-            end_epoch(run, epoch, stats)
-    if d.is_main:
-        export(run)
+    common.fit(prepare(args, device, d), describe, train_epoch, end_epoch, export)
 
 
 def prepare(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Run:

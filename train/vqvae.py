@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm import tqdm
@@ -188,22 +187,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> None:
-    run = prepare(args, device, d)
-    start_epoch = run.opt.resume(args.out, args.resume, device, d.is_main)
-    net = DistributedDataParallel(run.model) if d.enabled else run.model
-    if d.is_main:
-        n_params = sum(p.numel() for p in run.model.parameters())
-        side = run.model.latent_size
-        print(
-            f"{len(run.train_set)} training / {len(run.val_set)} validation images, {side}x{side} codes, "
-            f"K={run.model.num_codes}, {n_params / 1e6:.2f} M params, {device}"
-        )
-    for epoch in range(start_epoch, args.epochs):
-        stats = train_epoch(run, net, epoch)
-        if d.is_main:
-            end_epoch(run, epoch, stats)
-    if d.is_main:
-        export(run.model, run.train_set, args, device)
+    common.fit(prepare(args, device, d), describe, train_epoch, end_epoch, export)
 
 
 def prepare(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Run:
@@ -219,6 +203,15 @@ def prepare(args: argparse.Namespace, device: torch.device, d: common.Dist) -> R
     steps_per_epoch = max(1, len(train_set) // (args.batch_size * d.world_size))
     opt = common.Optimization.create(model, args.lr, steps_per_epoch * args.epochs, args.warmup_steps, device)
     return Run(args, device, d, model, opt, train_set, val_set)
+
+
+def describe(run: Run) -> str:
+    n_params = sum(p.numel() for p in run.model.parameters())
+    side = run.model.latent_size
+    return (
+        f"{len(run.train_set)} training / {len(run.val_set)} validation images, {side}x{side} codes, "
+        f"K={run.model.num_codes}, {n_params / 1e6:.2f} M params, {run.device}"
+    )
 
 
 def train_epoch(run: Run, net: torch.nn.Module, epoch: int) -> EpochStats:
@@ -308,21 +301,20 @@ def write_epoch_outputs(
         save_image(torch.cat([images, recon]).cpu(), out / f"recon_epoch{epoch + 1:03d}.png", nrow=n)
 
 
-def export(model: VQVAE, train_set: LesionImageFolder, args: argparse.Namespace, device: torch.device) -> None:
+def export(run: Run) -> None:
+    """Rank 0, after the last epoch: the model folder, with the training images' codebook usage."""
+    args, model = run.args, run.model
     final = args.out / "final"
     model.eval()
     model.save_pretrained(final)
-    usage_set = train_set.with_transform(eval_transform(args.image_size))
-    counts = codebook_usage(model, usage_set, device, limit=args.usage_limit, batch_size=args.batch_size)
-    (final / "codebook_usage.json").write_text(
-        json.dumps(
-            {
-                "num_codes": model.num_codes,
-                "images": min(len(usage_set), args.usage_limit or 10**12),
-                "counts": counts.tolist(),
-            }
-        )
-    )
+    usage_set = run.train_set.with_transform(eval_transform(args.image_size))
+    counts = codebook_usage(model, usage_set, run.device, limit=args.usage_limit, batch_size=args.batch_size)
+    usage = {
+        "num_codes": model.num_codes,
+        "images": min(len(usage_set), args.usage_limit or 10**12),
+        "counts": counts.tolist(),
+    }
+    (final / "codebook_usage.json").write_text(json.dumps(usage))
     print(f"exported {final}")
     if args.push_to_hub:
         common.push_to_hub(final, args.push_to_hub, f"vqvae-{model.latent_size}")
