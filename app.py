@@ -1,7 +1,7 @@
 """Start the LesionStudio web app.
 
     python app.py [--host H] [--port P] [--checkpoints DIR | --hub REPO_ID] [--examples DIR]
-                  [--data DIR] [--quiz-log FILE] [--share]
+                  [--data DIR] [--quiz-log FILE] [--timings FILE] [--share]
 
 Models: --checkpoints or --hub; else $LESIONSTUDIO_HUB_REPO or, inside a Space, the first
 `models:` entry of README.md's front matter; else $LESIONSTUDIO_CHECKPOINTS or the bundled
@@ -20,6 +20,7 @@ from pathlib import Path
 from lesionstudio.data import IMAGE_EXTENSIONS
 from lesionstudio.hubmodel import WEIGHTS_NAME, CheckpointError
 from lesionstudio.readerstudy import ReaderStudyError, check_log
+from lesionstudio.serving import TimingLog, set_thread_budget
 from lesionstudio.space import SpaceConfigError, model_repo
 from lesionstudio.studio import MAX_UPLOAD_BYTES, Studio, StudioError
 from lesionstudio.ui import build
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-limit", type=int, default=256, help="images of --data scanned (encoded once)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    p.add_argument("--timings", type=Path, default=None, help="append each request's timings to this JSON-lines file")
     return p.parse_args(argv)
 
 
@@ -81,6 +83,7 @@ def examples_cache(studio: Studio) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    set_thread_budget()  # once, before any request: the setting is process-wide
     try:
         if args.quiz_log:
             check_log(args.quiz_log)
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     except (StudioError, CheckpointError, SpaceConfigError, ReaderStudyError, OSError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(examples_cache(studio)))
-    demo = build(studio, example_images(args.examples), quiz_log=args.quiz_log)
+    demo = build(studio, example_images(args.examples), quiz_log=args.quiz_log, timings=TimingLog(args.timings))
     demo.launch(
         server_name=args.host,
         server_port=args.port,

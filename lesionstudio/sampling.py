@@ -21,8 +21,7 @@ A hierarchical prior (conditioned on a coarser grid of the same image) takes tha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -256,22 +255,6 @@ def _fill(
     return sampler.fill(codes, mask, temperature, top_k, gen, progress)
 
 
-@contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """Run on one CPU thread: the per-code products are too small to gain from more, and
-    thread hand-offs on every tiny operation made them several times slower on 2 cores. (The
-    once-per-row vertical stack is real work and keeps all threads.)"""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class IncrementalSampler:
     """Cached-activation sampler for one batch of grids (see the module docstring).
 
@@ -310,7 +293,10 @@ class IncrementalSampler:
         self.labels = labels
         self.coarse_feats = None
         if coarse is not None and prior.condition is not None:
-            self.coarse_feats = prior.condition(coarse, (height, width)).detach()
+            # At the coarse grid's size; each fine row is upsampled when needed (nearest: a copy).
+            self.coarse_feats = prior.condition(coarse, tuple(coarse.shape[1:])).detach()
+            rows = torch.arange(coarse.shape[1], dtype=torch.float32)[None, None, :, None]
+            self.coarse_rows = F.interpolate(rows, size=(height, 1), mode="nearest").long().flatten().tolist()
         self.class_biases = [layer.bias(labels, None) for layer in prior.layers]
         for layer, buf in zip(prior.layers, self.hbuf[:-1], strict=True):
             kw = layer.h_width
@@ -335,7 +321,9 @@ class IncrementalSampler:
         """Layer i's condition term for row r: [B, 2C, 1, W or 1], or None."""
         if self.coarse_feats is None:
             return self.class_biases[i]
-        return self.prior.layers[i].bias(self.labels, self.coarse_feats[:, :, r : r + 1])
+        src = self.coarse_rows[r]
+        row = F.interpolate(self.coarse_feats[:, :, src : src + 1], size=(1, self.w), mode="nearest")
+        return self.prior.layers[i].bias(self.labels, row)
 
     def _first_row(self) -> None:
         self.vh = []
@@ -419,14 +407,13 @@ class IncrementalSampler:
             self._prefix(row, cols[0])
             masked = set(cols)
             j = 0
-            with _one_thread(codes.device):
-                for col in range(cols[0], cols[-1] + 1):
-                    logits = self._position(col)
-                    if col in masked:
-                        new = choose(logits, noise[j], temperature, top_k)
-                        j += 1
-                        row[:, col] = new if full else torch.where(mask[:, r, col], new, row[:, col])
-                    torch.index_select(self.emb, 0, row[:, col], out=first_cols[col + self.p])
+            for col in range(cols[0], cols[-1] + 1):
+                logits = self._position(col)
+                if col in masked:
+                    new = choose(logits, noise[j], temperature, top_k)
+                    j += 1
+                    row[:, col] = new if full else torch.where(mask[:, r, col], new, row[:, col])
+                torch.index_select(self.emb, 0, row[:, col], out=first_cols[col + self.p])
             done += len(cols)
             if progress:
                 progress(done / total)

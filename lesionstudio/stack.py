@@ -203,7 +203,7 @@ def sample_ranked(
         lab = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         lab = (lab.expand(n) if lab.numel() == 1 else lab).repeat_interleave(m)
     drawn = sample_stack(stack, n * m, temperature, seeds, lab, progress)
-    images = torch.cat([stack.vqvae.decode_codes(drawn.codes[i : i + 16]) for i in range(0, n * m, 16)])
+    images = stack.vqvae.decode_codes(drawn.codes)
     scores = stack.critic.judge(images).realism.view(n, m)
     keep = torch.arange(n) * m + scores.argmax(1)
     kept_labels = None if drawn.labels is None else drawn.labels[keep.to(drawn.labels.device)]

@@ -29,7 +29,7 @@ from .hub import LATENTS, available_latents, default_source, has_critic, load_st
 from .neighbours import DEFAULT_THRESHOLD, nearest
 from .plots import codebook_usage_figure
 from .readerstudy import Trial, plan_trials
-from .stack import ModelStack, inpaint_stack, sample_ranked, sample_stack
+from .stack import ModelStack, inpaint_stack, per_sample_seeds, sample_ranked, sample_stack
 
 # Upload limits: what the studio accepts before decoding (the README's Limits section).
 MAX_UPLOAD_BYTES = 20 * 2**20
@@ -121,6 +121,18 @@ class Reconstruction:
     psnr: float
     ssim: float
     codes: torch.Tensor
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What a generation request asks for besides its seeds: requests that share it can be
+    drawn as one batch."""
+
+    latent: int
+    temperature: float  # the coarsest level's (the layout)
+    detail_temperature: float  # every finer level's
+    class_name: str  # "any": drawn by the training class frequencies, per sample
+    candidates: int  # drawn per kept sample, ranked by the critic
 
 
 class Inpainting(NamedTuple):
@@ -236,7 +248,7 @@ class Studio:
         side = int(np.ceil(np.sqrt(k)))
         codes = torch.arange(k, device=self.device)
         grids = codes[:, None, None].expand(k, tile, tile)
-        patches = torch.cat([pair.vqvae.decode_codes(grids[i : i + 64]) for i in range(0, k, 64)])
+        patches = pair.vqvae.decode_codes(grids, chunk=64)
         ph = patches.shape[-1]
         canvas = torch.ones(3, side * ph, side * ph)
         for i in range(k):
@@ -323,7 +335,6 @@ class Studio:
         prior = self.pair(latent).prior
         return ["any", *(prior.class_names if prior is not None and prior.num_classes else [])]
 
-    @torch.no_grad()
     def generate(
         self,
         latent: int | str,
@@ -337,29 +348,58 @@ class Studio:
     ) -> list[Image.Image]:
         """n samples; ``temperature`` is the coarsest level's (the layout), ``detail_temperature``
         every finer level's (default: the same); ``candidates`` > 1 keeps the best-scored of that
-        many per sample (the stack's realism critic)."""
+        many per sample (the stack's realism critic). Sample i is drawn with its own seed
+        (``seed + i``, or the i-th of a list), so it is the image that seed gives alone."""
+        settings = self.generation_settings(latent, temperature, class_name, detail_temperature, candidates)
+        return self.draw(settings, self.sample_seeds(n, seed), progress)
+
+    @staticmethod
+    def sample_seeds(n: int, seed: int | list[int] | None) -> list[int]:
+        """The seed of each of n requested samples: the given list, or seed, seed + 1, ..."""
+        if not 1 <= int(n) <= MAX_SAMPLES:
+            raise StudioError(f"Number of samples must be between 1 and {MAX_SAMPLES}.")
+        if isinstance(seed, Sequence) and len(seed) != int(n):
+            raise StudioError(f"Give one seed or {int(n)} seeds, not {len(seed)}.")
+        return per_sample_seeds(seed, int(n))
+
+    def generation_settings(
+        self,
+        latent: int | str,
+        temperature: float = 1.0,
+        class_name: str = "any",
+        detail_temperature: float | None = None,
+        candidates: int = 1,
+    ) -> GenerationSettings:
+        """Checked settings of a generation request (a StudioError names what is wrong)."""
         pair = self.pair(latent)
         prior = pair.prior
         if prior is None:
             raise StudioError(f"No prior is installed for the {latent}x{latent} grid; generation needs one.")
-        n = int(n)
-        if not 1 <= n <= MAX_SAMPLES:
-            raise StudioError(f"Number of samples must be between 1 and {MAX_SAMPLES}.")
-        labels = None
-        if class_name not in (None, "", "any"):
-            if class_name not in prior.class_names or not prior.num_classes:
-                raise StudioError(f"Unknown class {class_name!r}; choose one of {self.class_choices(latent)}.")
-            labels = prior.class_names.index(class_name)
+        class_name = class_name or "any"
+        if class_name != "any" and (class_name not in prior.class_names or not prior.num_classes):
+            raise StudioError(f"Unknown class {class_name!r}; choose one of {self.class_choices(latent)}.")
         candidates = int(candidates)
         if not 1 <= candidates <= MAX_CANDIDATES:
             raise StudioError(f"Candidates per sample must be between 1 and {MAX_CANDIDATES}.")
         if candidates > 1 and pair.critic is None:
             raise StudioError(f"Ranking candidates needs a realism critic (critic/) in {self.source}.")
-        temps = (float(temperature), float(temperature if detail_temperature is None else detail_temperature))
-        if candidates > 1:
-            drawn = sample_ranked(pair, n, candidates, temperature=temps, seed=seed, labels=labels, progress=progress)
+        detail = temperature if detail_temperature is None else detail_temperature
+        return GenerationSettings(int(latent), float(temperature), float(detail), class_name, candidates)
+
+    @torch.no_grad()
+    def draw(
+        self, settings: GenerationSettings, seeds: list[int], progress: Callable[[float], None] | None = None
+    ) -> list[Image.Image]:
+        """One sample per seed, in one batch (no limit on its size: the caller sets it)."""
+        pair = self.pair(settings.latent)
+        prior = pair.prior
+        labels = None if settings.class_name == "any" else prior.class_names.index(settings.class_name)
+        temps = (settings.temperature, settings.detail_temperature)
+        if settings.candidates > 1:
+            drawn = sample_ranked(pair, len(seeds), settings.candidates, temperature=temps, seed=seeds,
+                                  labels=labels, progress=progress)  # fmt: skip
         else:
-            drawn = sample_stack(pair, n, temperature=temps, seed=seed, labels=labels, progress=progress)
+            drawn = sample_stack(pair, len(seeds), temperature=temps, seed=seeds, labels=labels, progress=progress)
         return [to_pil(img) for img in pair.vqvae.decode_codes(drawn.codes)]
 
     @torch.no_grad()

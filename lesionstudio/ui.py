@@ -22,6 +22,7 @@ import numpy as np
 
 from .data import IMAGE_EXTENSIONS
 from .readerstudy import REAL, SYNTHETIC, ReaderStudyError, Session, answers_csv, append_log, summarize
+from .serving import SamplerWorker, TimingLog, request_workers
 from .studio import (
     DEFAULT_CANDIDATES,
     DEFAULT_DETAIL_TEMPERATURE,
@@ -35,6 +36,10 @@ from .studio import (
     zip_images,
 )
 
+# Sampler requests Gradio hands to the sampler's own queue at once (they wait there, merged into
+# batches); the rest wait in Gradio's queue of at most MAX_QUEUE events.
+SAMPLER_WAITING = 16
+MAX_QUEUE = 64
 UPLOAD_TYPES = (*IMAGE_EXTENSIONS, ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
 NOTICE = (
@@ -110,7 +115,7 @@ class ResultFiles:
 
     def png(self, img: Any) -> str:
         path = self.dir / f"{uuid.uuid4().hex}.png"
-        img.save(path)
+        img.save(path, compress_level=1)  # a few times faster than the default, files a little larger
         return str(path)
 
     def path(self, name: str) -> Path:
@@ -124,18 +129,30 @@ class ResultFiles:
                     f.unlink()
 
 
-def build(studio: Studio, examples: list[str] | None = None, quiz_log: Path | None = None) -> gr.Blocks:
+def build(
+    studio: Studio,
+    examples: list[str] | None = None,
+    quiz_log: Path | None = None,
+    timings: TimingLog | None = None,
+) -> gr.Blocks:
     latents = [str(n) for n in studio.latents]
     default_latent = str(studio.default_latent)
     default_candidates = DEFAULT_CANDIDATES if studio.has_critic else 1
     files = ResultFiles()
+    sampler = SamplerWorker(studio)
+    timings = timings or TimingLog(None)
 
     @user_errors
     def reconstruct(image: str | None, latent: str):
+        began, cpu = time.perf_counter(), time.thread_time()
         files.prune()
         r = studio.reconstruct(image, latent)
+        encoding, cpu = time.perf_counter(), time.thread_time() - cpu
         stats = {"psnr_db": round(r.psnr, 2), "ssim": round(r.ssim, 4), "latent": int(latent)}
-        return *(files.png(i) for i in (r.original, r.reconstruction, r.error, r.code_map)), stats
+        out = *(files.png(i) for i in (r.original, r.reconstruction, r.error, r.code_map)), stats
+        done = time.perf_counter()
+        timings.record("reconstruct", handler=done - began, ran=encoding - began, cpu=cpu, encode=done - encoding)
+        return out
 
     def picked(evt: gr.SelectData) -> str:
         return examples[evt.index]
@@ -157,26 +174,35 @@ def build(studio: Studio, examples: list[str] | None = None, quiz_log: Path | No
     @user_errors
     def generate(latent: str, temperature: float, n: float, seed: float, label: str, detail: float | None = None,
                  candidates: float = 1, progress=gr.Progress()):  # noqa: B008  # fmt: skip
-        progress(0, desc="sampling codes")
-        images = studio.generate(latent, int(n), float(temperature), int(seed), label,
-                                 progress=lambda f: progress(f, desc="sampling codes"),
-                                 detail_temperature=None if detail is None else float(detail),
-                                 candidates=int(candidates))  # fmt: skip
+        began = time.perf_counter()
+        settings = studio.generation_settings(latent, float(temperature), label,
+                                              None if detail is None else float(detail), int(candidates))  # fmt: skip
+        out = sampler.generate(settings, studio.sample_seeds(int(n), int(seed)),
+                               lambda f, desc: progress(f, desc=desc))  # fmt: skip
+        encoding = time.perf_counter()
+        images = out.images
         if len(images) == 1:
             path = files.path(f"lesion_seed{int(seed)}.png")
             images[0].save(path)
         else:
             path = files.path(f"lesions_seed{int(seed)}_{len(images)}.zip")
             path.write_bytes(zip_images(images))
+        shown = [files.png(i) for i in images]
+        searching = time.perf_counter()
         progress(1, desc="finding the nearest training images")
         near = [(files.png(img), caption) for img, caption in studio.nearest_training(images)]
-        return [files.png(i) for i in images], str(path), near
+        done = time.perf_counter()
+        timings.record("generate", handler=done - began, waited=out.timing.waited, ran=out.timing.ran,
+                       cpu=out.timing.cpu, batch=out.timing.batch, encode=searching - encoding,
+                       nearest=done - searching)  # fmt: skip
+        return shown, str(path), near
 
     @user_errors
     def inpaint(editor: dict | None, latent: str, temperature: float, n: float, seed: float, progress=gr.Progress()):  # noqa: B008
         background, layers = _editor_parts(editor)
-        out = studio.inpaint(background, layers, latent, int(n), float(temperature), int(seed),
-                             progress=lambda f: progress(f, desc="resampling codes"))  # fmt: skip
+        out = sampler.call(lambda p: studio.inpaint(background, layers, latent, int(n), float(temperature), int(seed),
+                                                    progress=p),
+                           lambda f, desc: progress(f, desc=desc))  # fmt: skip
         info = {"codes_resampled": int(out.code_mask.sum()), "grid": int(latent), "variants": len(out.variants)}
         return files.png(out.original), [files.png(v) for v in out.variants], info
 
@@ -250,9 +276,10 @@ def build(studio: Studio, examples: list[str] | None = None, quiz_log: Path | No
                 gr.Examples(runnable, inputs=g_inputs, outputs=[g_gallery, g_file, g_near], fn=generate,
                             cache_examples=True, cache_mode="lazy", label="Example settings (results cached)",
                             api_visibility="private", elem_id="generate-examples")  # fmt: skip
-            # One queue group for all sampler work (generate, with its ranking, and inpaint): one at a time.
+            # All sampler work (generate, with its ranking; inpaint; the reader study's draw) goes to one
+            # worker, one job at a time; waiting generations with the same settings share a batch.
             g_btn.click(generate, g_inputs, [g_gallery, g_file, g_near], api_name="generate",
-                        concurrency_limit=1, concurrency_id="sampler")  # fmt: skip
+                        concurrency_limit=SAMPLER_WAITING, concurrency_id="sampler")  # fmt: skip
 
         with gr.Tab("Inpaint"):
             gr.Markdown(
@@ -280,10 +307,10 @@ def build(studio: Studio, examples: list[str] | None = None, quiz_log: Path | No
             if i_examples:
                 i_examples.select(picked_for_editor, None, i_edit, api_name=False)
             i_btn.click(inpaint, [i_edit, i_latent, i_temp, i_n, i_seed], [i_orig, i_gallery, i_info],
-                        api_name="inpaint", concurrency_limit=1, concurrency_id="sampler")  # fmt: skip
+                        api_name="inpaint", concurrency_limit=SAMPLER_WAITING, concurrency_id="sampler")  # fmt: skip
 
         with gr.Tab("Real or synthetic?"):
-            quiz_tab(studio, files, quiz_log)
+            quiz_tab(studio, files, quiz_log, sampler)
 
         def to_editor(gallery: list | None, latent: str):
             if not gallery:
@@ -296,7 +323,7 @@ def build(studio: Studio, examples: list[str] | None = None, quiz_log: Path | No
             f"Limits: uploads up to {MAX_UPLOAD_BYTES // 2**20} MB and {MAX_UPLOAD_PIXELS // 10**6} megapixels "
             f"({', '.join(UPLOAD_TYPES)}); at most {MAX_SAMPLES} samples a request."
         )
-    demo.queue(default_concurrency_limit=2, max_size=64)
+    demo.queue(default_concurrency_limit=request_workers(), max_size=MAX_QUEUE)
     return demo
 
 
@@ -309,7 +336,7 @@ class QuizState:
     drawn: dict[int, Any] = field(default_factory=dict)
 
 
-def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None) -> None:
+def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None, sampler: SamplerWorker) -> None:
     """The reader study: real and generated images in a seeded order, answers, accuracy, CSV."""
     gr.Markdown(QUIZ_HELP)
     if not studio.data_files:
@@ -332,7 +359,8 @@ def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None) -> None:
         # Synthetic images are drawn before the study starts: drawing one while the reader waits
         # would take seconds where a real one appears at once, and give the answer away.
         synthetic = [t for t in q.session.trials if t.real_path is None]
-        q.drawn = studio.quiz_synthetic_images(synthetic, lambda f: progress(f, desc="preparing the study"))
+        q.drawn = sampler.call(lambda p: studio.quiz_synthetic_images(synthetic, p),
+                               lambda f, desc: progress(f, desc=desc))  # fmt: skip
         return q, *shown(q), gr.update(visible=True), "", None
 
     @user_errors
@@ -369,7 +397,7 @@ def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None) -> None:
             q_summary = gr.Markdown(elem_id="quiz-summary")
             q_csv = gr.File(label="Your answers (CSV)", elem_id="quiz-csv")
     outputs = [session, q_image, q_progress, q_form, q_summary, q_csv]
-    q_start.click(start, [q_reader, q_n, q_seed], outputs, api_name=False, concurrency_limit=1,
+    q_start.click(start, [q_reader, q_n, q_seed], outputs, api_name=False, concurrency_limit=SAMPLER_WAITING,
                   concurrency_id="sampler")  # fmt: skip
-    q_submit.click(answer, [session, q_choice, q_conf], outputs, api_name=False, concurrency_limit=1,
-                   concurrency_id="sampler").then(lambda: None, None, q_choice, api_name=False)  # fmt: skip
+    q_submit.click(answer, [session, q_choice, q_conf], outputs, api_name=False).then(
+        lambda: None, None, q_choice, api_name=False)  # fmt: skip

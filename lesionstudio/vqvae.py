@@ -345,10 +345,12 @@ class VQVAE(
         return self.quantizer.nearest(z.permute(0, 2, 3, 1).reshape(-1, d)).view(b, h, w)
 
     @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] for code indices [B, h, w]."""
+    def decode_codes(self, codes: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] for code indices [B, h, w], decoded ``chunk`` at a time:
+        the full-resolution activations of a large batch would hold gigabytes at once."""
         check_codes(codes, self.num_codes)
-        return (self.decoder(self.quantizer.lookup(codes.long())) + 0.5).clamp(0, 1)
+        parts = [self.decoder(self.quantizer.lookup(c.long())) for c in codes.split(chunk)]
+        return (torch.cat(parts) + 0.5).clamp(0, 1)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,246 @@
+"""The sampler worker: one job at a time, waiting generations merged into a batch, each request
+still given exactly its own seeds' images; the thread budget set once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_pair
+
+from lesionstudio.serving import SamplerWorker, TimingLog, request_workers, set_thread_budget
+from lesionstudio.studio import Studio, StudioError
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory) -> Studio:
+    root = tmp_path_factory.mktemp("ckpts")
+    make_pair(root, 32)
+    return Studio(root)
+
+
+def arrays(images) -> list[np.ndarray]:
+    return [np.asarray(img) for img in images]
+
+
+def hold(worker: SamplerWorker) -> tuple[threading.Event, threading.Thread]:
+    """Keep the worker busy with a plain job until the returned event is set."""
+    started, release = threading.Event(), threading.Event()
+
+    def blocker(progress):
+        started.set()
+        release.wait(30)
+
+    thread = threading.Thread(target=worker.call, args=(blocker,))
+    thread.start()
+    assert started.wait(30)
+    return release, thread
+
+
+def in_threads(calls) -> list:
+    """Run each call in its own thread, started in order (each queued before the next starts)."""
+    results: list = [None] * len(calls)
+
+    def run(i, fn):
+        try:
+            results[i] = fn()
+        except Exception as exc:  # handed back to the test
+            results[i] = exc
+
+    threads = []
+    for i, fn in enumerate(calls):
+        threads.append(threading.Thread(target=run, args=(i, fn)))
+        threads[-1].start()
+        time.sleep(0.05)
+    return threads, results
+
+
+def test_waiting_generations_are_one_batch_and_each_gets_its_own_images(studio: Studio):
+    worker = SamplerWorker(studio)
+    settings = studio.generation_settings(32, 1.0, "any")
+    requests = [[5], [9, 10], [100]]
+    release, blocker = hold(worker)
+    threads, results = in_threads([lambda s=s: worker.generate(settings, s) for s in requests])
+    release.set()
+    for t in [blocker, *threads]:
+        t.join(60)
+    for seeds, out in zip(requests, results, strict=True):
+        assert out.timing.batch == 3
+        alone = studio.generate(32, n=len(seeds), seed=seeds)
+        assert len(out.images) == len(seeds)
+        for got, want in zip(arrays(out.images), arrays(alone), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+class Recording:
+    """The studio, noting the seeds of each batch it draws."""
+
+    def __init__(self, studio: Studio, order: list) -> None:
+        self.studio, self.order = studio, order
+
+    def draw(self, settings, seeds, progress=None):
+        self.order.append(list(seeds))
+        return self.studio.draw(settings, seeds, progress)
+
+
+def test_other_settings_wait_for_their_own_batch_and_plain_jobs_keep_their_turn(studio: Studio):
+    order: list = []
+    worker = SamplerWorker(Recording(studio, order))
+    any_class = studio.generation_settings(32, 1.0, "any")
+    benign = studio.generation_settings(32, 1.0, "benign")
+    release, blocker = hold(worker)
+    threads, results = in_threads([
+        lambda: worker.generate(any_class, [1]),
+        lambda: worker.generate(benign, [2]),
+        lambda: worker.generate(any_class, [3]),  # joins the first: same settings, nothing plain between
+        lambda: worker.call(lambda p: order.append("plain")),
+        lambda: worker.generate(any_class, [4]),  # may not overtake the plain job
+    ])  # fmt: skip
+    release.set()
+    for t in [blocker, *threads]:
+        t.join(60)
+    assert order == [[1, 3], [2], "plain", [4]]
+    assert [results[i].timing.batch for i in (0, 1, 2, 4)] == [2, 1, 2, 1]
+
+
+def test_a_batch_never_exceeds_its_draw_limit(studio: Studio):
+    worker = SamplerWorker(studio, max_batch_draws=3)
+    settings = studio.generation_settings(32, 1.0, "any")
+    release, blocker = hold(worker)
+    threads, results = in_threads([lambda s=s: worker.generate(settings, [s, s + 1]) for s in (0, 10, 20)])
+    release.set()
+    for t in [blocker, *threads]:
+        t.join(60)
+    assert [r.timing.batch for r in results] == [1, 1, 1]
+
+
+def test_a_failing_job_raises_in_its_caller_and_the_worker_keeps_serving(studio: Studio):
+    worker = SamplerWorker(studio)
+
+    def broken(progress):
+        raise StudioError("no such thing")
+
+    with pytest.raises(StudioError, match="no such thing"):
+        worker.call(broken)
+    out = worker.generate(studio.generation_settings(32, 1.0, "any"), [4])
+    assert len(out.images) == 1
+
+
+def test_progress_reports_the_wait_then_the_drawing(studio: Studio):
+    worker = SamplerWorker(studio)
+    seen: list[str] = []
+    release, blocker = hold(worker)
+    threads, _ = in_threads([lambda: worker.generate(studio.generation_settings(32, 1.0, "any"), [1],
+                                                     lambda f, desc: seen.append(desc))])  # fmt: skip
+    time.sleep(0.6)
+    release.set()
+    for t in [blocker, *threads]:
+        t.join(60)
+    assert seen and seen[0].startswith("waiting for the sampler")
+
+
+def test_generate_checks_its_request_before_it_is_queued(studio: Studio):
+    with pytest.raises(StudioError, match="Unknown class"):
+        studio.generation_settings(32, 1.0, "nevus")
+    with pytest.raises(StudioError, match="between 1 and"):
+        studio.sample_seeds(0, 1)
+    with pytest.raises(StudioError, match="seeds"):
+        studio.sample_seeds(2, [1, 2, 3])
+    assert studio.sample_seeds(3, 7) == [7, 8, 9]
+
+
+def test_sample_i_of_a_request_is_what_its_seed_gives_alone(studio: Studio):
+    together = arrays(studio.generate(32, n=3, seed=20))
+    for i, got in enumerate(together):
+        np.testing.assert_array_equal(got, arrays(studio.generate(32, n=1, seed=20 + i))[0])
+
+
+def test_thread_budget_is_half_the_cores_and_leaves_room_for_one_more_request():
+    before = torch.get_num_threads()
+    try:
+        assert set_thread_budget(2) == 1 and torch.get_num_threads() == 1
+        assert set_thread_budget(16) == 8 and torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(before)
+    assert request_workers(2) == 1 and request_workers(16) == 1 and request_workers(1) == 1
+
+
+def test_timing_log_writes_one_json_line_per_request(tmp_path: Path):
+    import json
+
+    log = TimingLog(tmp_path / "t.jsonl")
+    log.record("generate", handler=1.23456, batch=2)
+    log.record("reconstruct", handler=0.5)
+    lines = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"endpoint": "generate", "handler": 1.2346, "batch": 2},
+        {"endpoint": "reconstruct", "handler": 0.5},
+    ]
+    TimingLog(None).record("generate", handler=1.0)  # no file: nothing written, no error
+
+
+def test_through_the_app_sampler_work_never_overlaps_and_no_request_changes_the_thread_setting(
+    studio: Studio, tmp_path: Path, monkeypatch
+):
+    """Generations, inpaintings and reconstructs sent at once through the API: the draws and
+    inpaintings run one at a time, and the process's thread setting is never touched."""
+    from conftest import free_port, lesion_image
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    from lesionstudio.ui import build
+
+    spans: list[tuple[str, float, float]] = []
+    lock = threading.Lock()
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    spans.append((name, start, time.perf_counter()))
+
+        return wrapper
+
+    monkeypatch.setattr(studio, "draw", timed("draw", studio.draw))
+    monkeypatch.setattr(studio, "inpaint", timed("inpaint", studio.inpaint))
+    monkeypatch.setattr(studio, "reconstruct", timed("reconstruct", studio.reconstruct))
+    demo = build(studio)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        threads_before = torch.get_num_threads()
+        changes: list[int] = []
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: changes.append(n))
+        upload = tmp_path / "lesion.png"
+        lesion_image(280, seed=9).save(upload)
+        mask = np.zeros((280, 280, 4), dtype=np.uint8)
+        mask[110:170, 110:170] = (255, 0, 255, 255)
+        Image.fromarray(mask, "RGBA").save(tmp_path / "mask.png")
+        editor = {"background": handle_file(str(upload)), "layers": [handle_file(str(tmp_path / "mask.png"))],
+                  "composite": None}  # fmt: skip
+        url = f"http://127.0.0.1:{port}/"
+        calls = [("generate", ("32", 1.0, 2, seed, "any")) for seed in (1, 2, 3)]
+        calls += [("inpaint", (editor, "32", 1.0, 2, seed)) for seed in (4, 5)]
+        calls += [("reconstruct", (handle_file(str(upload)), "32"))] * 4
+        threads, results = in_threads([
+            lambda name=name, args=args: Client(url, verbose=False).predict(*args, api_name=f"/{name}")
+            for name, args in calls
+        ])  # fmt: skip
+        for t in threads:
+            t.join(300)
+        assert not [r for r in results if isinstance(r, Exception)]
+        assert changes == [] and torch.get_num_threads() == threads_before
+        sampler = sorted((start, end) for name, start, end in spans if name in ("draw", "inpaint"))
+        assert len([n for n, *_ in spans if n == "inpaint"]) == 2
+        assert len([n for n, *_ in spans if n == "reconstruct"]) == 4
+        for (_, end), (start, _) in zip(sampler, sampler[1:], strict=False):
+            assert end <= start  # one at a time
+    finally:
+        demo.close()
