@@ -22,11 +22,12 @@ A hierarchical prior (conditioned on a coarser grid of the same image) takes tha
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .pixelcnn import GatedPixelCNN, gate
+from .pixelcnn import GatedLayer, GatedPixelCNN, gate
 
 Progress = Callable[[float], None]
 LabelsArg = int | Sequence[int] | torch.Tensor | None
@@ -255,6 +256,19 @@ def _fill(
     return sampler.fill(codes, mask, temperature, top_k, gen, progress)
 
 
+@dataclass
+class LayerWeights:
+    """One gated layer's horizontal-stack weights, laid out for per-column matrix products."""
+
+    layer: GatedLayer
+    kw: int  # horizontal kernel width
+    h_in: torch.Tensor  # [(C, kw), 2C]
+    h_bias: torch.Tensor  # [2C]
+    h_out: torch.Tensor  # [C, C]
+    out_bias: torch.Tensor  # [C]
+    windows: list[torch.Tensor]  # per column: the input window ending there, a view [B, C, kw]
+
+
 class IncrementalSampler:
     """Cached-activation sampler for one batch of grids (see the module docstring).
 
@@ -287,7 +301,7 @@ class IncrementalSampler:
         self.hbuf = [torch.zeros(width + p, batch, c, **opts) for _ in range(n_layers + 1)]
         self.hcols = [list(buf.unbind(0)) for buf in self.hbuf]  # column views [B, C]
         self.vh: list[list[torch.Tensor]] = []  # per layer, per column: [B, 2C] vertical contribution
-        self.specs = []
+        self.specs: list[LayerWeights] = []
         # The conditions' part of the gates. The coarse grid's is made row by row from its
         # features ([B, C, h, w]): kept per layer ([B, 2C, h, w] each) it would take hundreds of MB.
         self.labels = labels
@@ -300,16 +314,15 @@ class IncrementalSampler:
         self.class_biases = [layer.bias(labels, None) for layer in prior.layers]
         for layer, buf in zip(prior.layers, self.hbuf[:-1], strict=True):
             kw = layer.h_width
-            windows = list(buf.unfold(0, kw, 1).unbind(0))  # window ending at column col: [B, C, kw]
             self.specs.append(
-                (
-                    layer,
-                    kw,
-                    layer.h_conv.weight.detach().reshape(2 * c, c * kw).t().contiguous(),  # [(C, kw), 2C]
-                    layer.h_conv.bias.detach(),
-                    layer.h_out.weight.detach().reshape(c, c).t().contiguous(),
-                    layer.h_out.bias.detach(),
-                    windows,
+                LayerWeights(
+                    layer=layer,
+                    kw=kw,
+                    h_in=layer.h_conv.weight.detach().reshape(2 * c, c * kw).t().contiguous(),
+                    h_bias=layer.h_conv.bias.detach(),
+                    h_out=layer.h_out.weight.detach().reshape(c, c).t().contiguous(),
+                    out_bias=layer.h_out.bias.detach(),
+                    windows=list(buf.unfold(0, kw, 1).unbind(0)),
                 )
             )
         head = prior.head
@@ -327,8 +340,8 @@ class IncrementalSampler:
 
     def _first_row(self) -> None:
         self.vh = []
-        for i, (layer, _, _, bh, _, _, _) in enumerate(self.specs):
-            base = (layer.v_to_h.bias + bh).detach()[None, None, :]
+        for i, spec in enumerate(self.specs):
+            base = (spec.layer.v_to_h.bias + spec.h_bias).detach()[None, None, :]
             cond = self._bias_of_row(i, 0)
             if cond is not None:
                 base = base + cond[:, :, 0, :].transpose(1, 2)  # [B, W or 1, 2C]
@@ -339,13 +352,14 @@ class IncrementalSampler:
         x = F.embedding(row_codes, self.emb).permute(0, 2, 1)[:, :, None, :]  # [B, C, 1, W]
         p = self.p
         self.vh = []
-        for i, (layer, _, _, bh, _, _, _) in enumerate(self.specs):
+        for i, spec in enumerate(self.specs):
+            layer = spec.layer
             self.vbuf[i] = torch.cat([self.vbuf[i][:, :, 1:], x], dim=2)
             v_pre = F.conv2d(F.pad(self.vbuf[i], (p, p, 0, 0)), layer.v_conv.weight, layer.v_conv.bias)
             above, here = self._bias_of_row(i, r - 1), self._bias_of_row(i, r)
             if above is not None:
                 v_pre = v_pre + above
-            vh = layer.v_to_h(v_pre)[:, :, 0, :].permute(0, 2, 1) + bh
+            vh = layer.v_to_h(v_pre)[:, :, 0, :].permute(0, 2, 1) + spec.h_bias
             if here is not None:
                 vh = vh + here[:, :, 0, :].transpose(1, 2)
             self.vh.append(list(vh.expand(self.b, self.w, -1).unbind(1)))
@@ -357,11 +371,11 @@ class IncrementalSampler:
         self.hbuf[0][p:] = F.embedding(row_codes, self.emb).transpose(0, 1)
         if end == 0:
             return
-        for i, (_, kw, wh, _, wo, bo, _) in enumerate(self.specs):
-            windows = self.hbuf[i][: end + kw - 1].unfold(0, kw, 1)  # [end, B, C, kw]
-            x = windows.reshape(end, self.b, self.c * kw)
-            pre = x @ wh + torch.stack(self.vh[i][:end])
-            out = gate(pre.permute(1, 2, 0)).permute(2, 0, 1) @ wo + bo
+        for i, spec in enumerate(self.specs):
+            windows = self.hbuf[i][: end + spec.kw - 1].unfold(0, spec.kw, 1)  # [end, B, C, kw]
+            x = windows.reshape(end, self.b, self.c * spec.kw)
+            pre = x @ spec.h_in + torch.stack(self.vh[i][:end])
+            out = gate(pre.permute(1, 2, 0)).permute(2, 0, 1) @ spec.h_out + spec.out_bias
             if i > 0:
                 out = out + self.hbuf[i][p : p + end]
             self.hbuf[i + 1][p : p + end] = out
@@ -370,11 +384,11 @@ class IncrementalSampler:
         """Horizontal stack and head at one column of the current row: logits [B, K]."""
         q, b = col + self.p, self.b
         hcols, vh = self.hcols, self.vh
-        for i, (_, _, wh, _, wo, bo, windows) in enumerate(self.specs):
-            pre = torch.addmm(vh[i][col], windows[col].reshape(b, -1), wh)
+        for i, spec in enumerate(self.specs):
+            pre = torch.addmm(vh[i][col], spec.windows[col].reshape(b, -1), spec.h_in)
             a, g = pre.chunk(2, dim=1)
             g = torch.tanh(a) * torch.sigmoid(g)
-            torch.addmm(hcols[i][q] + bo if i else bo, g, wo, out=hcols[i + 1][q])
+            torch.addmm(hcols[i][q] + spec.out_bias if i else spec.out_bias, g, spec.h_out, out=hcols[i + 1][q])
         hid = torch.relu(torch.addmm(self.b1, torch.relu(hcols[-1][q]), self.w1))
         return torch.addmm(self.b2, hid, self.w2)
 
