@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -274,30 +274,37 @@ R = TypeVar("R", bound=TrainingRun)
 S = TypeVar("S")
 
 
-def fit(
-    run: R,
-    describe: Callable[[R], str],
-    train_epoch: Callable[[R, torch.nn.Module, int], S],
-    end_epoch: Callable[[R, int, S], None],
-    export: Callable[[R], None],
-) -> None:
+@dataclass(frozen=True)
+class Steps(Generic[R, S]):
+    """A trainer's steps: build its run, describe it, train one epoch (every rank), end an epoch
+    (rank 0: validate, log, checkpoint) and export the model (rank 0)."""
+
+    prepare: Callable[[Any, torch.device, Dist], R]
+    describe: Callable[[R], str]
+    train_epoch: Callable[[R, torch.nn.Module, int], S]
+    end_epoch: Callable[[R, int, S], None]
+    export: Callable[[R], None]
+
+
+def fit(run: R, steps: Steps[R, S]) -> None:
     """A prepared run's epochs: resume from OUT/checkpoint.pt, then train each remaining epoch on
     every rank, with rank 0 describing the run first, ending each epoch and exporting at the end."""
     args, d = run.args, run.d
     start_epoch = run.opt.resume(args.out, args.resume, run.device, d.is_main)
     net = DistributedDataParallel(run.model) if d.enabled else run.model
     if d.is_main:
-        print(describe(run))
+        print(steps.describe(run))
     for epoch in range(start_epoch, args.epochs):
-        stats = train_epoch(run, net, epoch)
+        stats = steps.train_epoch(run, net, epoch)
         if d.is_main:
-            end_epoch(run, epoch, stats)
+            steps.end_epoch(run, epoch, stats)
     if d.is_main:
-        export(run)
+        steps.export(run)
 
 
-def run(train_fn: Any, args: Any) -> None:
-    """Pick the device, join torchrun's process group if there is one, train, leave the group."""
+def run(args: Any, steps: Steps, need_bytes: int = 200 * 2**20) -> None:
+    """Pick the device, join torchrun's process group if there is one, check the output folder,
+    train, leave the group."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     device = pick_device(args.device)
     d = setup_distributed(device)
@@ -305,6 +312,8 @@ def run(train_fn: Any, args: Any) -> None:
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
     try:
-        train_fn(args, device, d)
+        if d.is_main:
+            check_output_dir(args.out, need_bytes)
+        fit(steps.prepare(args, device, d), steps)
     finally:
         cleanup_distributed(d)

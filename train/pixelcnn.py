@@ -198,18 +198,8 @@ class EpochStats:
     seconds: float
 
 
-def main(argv: list[str] | None = None) -> None:
-    common.run(train, parse_args(argv))
-
-
-def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> None:
-    common.fit(prepare(args, device, d), describe, train_epoch, end_epoch, export)
-
-
 def prepare(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Run:
-    """Check the output folder, load the VQ-VAEs, encode and split the images, build the model."""
-    if d.is_main:
-        common.check_output_dir(args.out, need_bytes=200 * 2**20)
+    """Load the VQ-VAEs, encode and split the images, build the model."""
     vq = VQVAE.from_pretrained(args.vqvae).to(device).eval()
     coarse_vq = load_coarse_vqvae(args.coarse_vqvae, vq, device) if args.coarse_vqvae else None
     if coarse_vq is not None and args.crop:
@@ -389,6 +379,10 @@ def export(run: Run) -> None:
     print(f"exported {final}")
     if run.args.push_to_hub:
         common.push_to_hub(final, run.args.push_to_hub, f"pixelcnn-{run.model.grid_size}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    common.run(parse_args(argv), common.Steps(prepare, describe, train_epoch, end_epoch, export))
 
 
 if __name__ == "__main__":

@@ -182,18 +182,8 @@ class EpochStats:
 LOSS_TERMS = ("loss", "reconstruction", "codebook", "commitment", "perplexity")
 
 
-def main(argv: list[str] | None = None) -> None:
-    common.run(train, parse_args(argv))
-
-
-def train(args: argparse.Namespace, device: torch.device, d: common.Dist) -> None:
-    common.fit(prepare(args, device, d), describe, train_epoch, end_epoch, export)
-
-
 def prepare(args: argparse.Namespace, device: torch.device, d: common.Dist) -> Run:
-    """Check the output folder, read and split the images, build the model and its optimiser."""
-    if d.is_main:
-        common.check_output_dir(args.out, need_bytes=200 * 2**20)
+    """Read and split the images, build the model and its optimiser."""
     train_set, val_set = load_data(args)
     common.seed_everything(args.seed)  # same seed, same initial weights on every rank
     model = build_model(args).to(device)
@@ -318,6 +308,10 @@ def export(run: Run) -> None:
     print(f"exported {final}")
     if args.push_to_hub:
         common.push_to_hub(final, args.push_to_hub, f"vqvae-{model.latent_size}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    common.run(parse_args(argv), common.Steps(prepare, describe, train_epoch, end_epoch, export))
 
 
 if __name__ == "__main__":
