@@ -27,6 +27,7 @@ from .data import ImageLoadError, eval_transform, find_images, load_image, to_pi
 from .features import EncoderFeatures, cached, compute, dihedral, feature_transform
 from .hub import LATENTS, available_latents, default_source, has_critic, load_stack
 from .neighbours import DEFAULT_THRESHOLD, nearest
+from .pixelcnn import ClassNameError
 from .plots import codebook_usage_figure
 from .readerstudy import Trial, plan_trials
 from .stack import ModelStack, inpaint_stack, per_sample_seeds, sample_ranked, sample_stack
@@ -376,8 +377,10 @@ class Studio:
         if prior is None:
             raise StudioError(f"No prior is installed for the {latent}x{latent} grid; generation needs one.")
         class_name = class_name or "any"
-        if class_name != "any" and (class_name not in prior.class_names or not prior.num_classes):
-            raise StudioError(f"Unknown class {class_name!r}; choose one of {self.class_choices(latent)}.")
+        try:
+            prior.class_label(class_name)
+        except ClassNameError as exc:
+            raise StudioError(f"Unknown class {class_name!r}; choose one of {self.class_choices(latent)}.") from exc
         candidates = int(candidates)
         if not 1 <= candidates <= MAX_CANDIDATES:
             raise StudioError(f"Candidates per sample must be between 1 and {MAX_CANDIDATES}.")
@@ -393,7 +396,7 @@ class Studio:
         """One sample per seed, in one batch (no limit on its size: the caller sets it)."""
         pair = self.pair(settings.latent)
         prior = pair.prior
-        labels = None if settings.class_name == "any" else prior.class_names.index(settings.class_name)
+        labels = prior.class_label(settings.class_name)
         temps = (settings.temperature, settings.detail_temperature)
         if settings.candidates > 1:
             drawn = sample_ranked(pair, len(seeds), settings.candidates, temperature=temps, seed=seeds,
