@@ -71,9 +71,9 @@ class EncoderFeatures(nn.Module):
 def robust_scale(x: torch.Tensor, q: float = 0.005) -> torch.Tensor:
     """Per-image scaling of [3, H, W] to [0, 1] by its q and 1-q quantiles (all channels together).
 
-    The models' min-max scaling lets one extreme pixel shift the whole image: a JPEG re-save
-    moved a copy's features by half the typical distance between different lesions. Quantiles
-    ignore such pixels, so a re-encoded copy stays a copy.
+    The models' min-max scaling lets one extreme pixel shift the whole image, so a JPEG re-save
+    can move a copy's features far from its original. Quantiles ignore such pixels, so a
+    re-encoded copy stays a copy.
     """
     flat = x.float().flatten()
     lo, hi = torch.quantile(flat, torch.tensor([q, 1 - q]))
