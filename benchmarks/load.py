@@ -1,15 +1,20 @@
-"""Load on the app: N concurrent gradio_client clients mixing reconstruct and generate.
+"""Load on the app: N concurrent gradio_client clients, a quarter of them generating, the rest
+reconstructing uploads.
 
-    python benchmarks/load.py [--clients 16] [--seconds 60] [--checkpoints DIR] [--latent 64]
+    python benchmarks/load.py [--clients 16] [--seconds 60] [--generate-clients K] [--mixed] [--root DIR]
 
-Starts `python app.py` on a free loopback port, runs the clients for a bounded time (each
-waits for its answer before sending the next request), then prints requests served, errors,
-p50/p95/max latency per endpoint and the app's peak resident memory (VmHWM).
+Starts ``python app.py`` (of this checkout, or of ``--root``, to measure another version on the
+same machine) on a free loopback port. First, on the idle app, one generate and one reconstruct
+request alone (the idle times); then the clients for a bounded time, each keeping its role and
+waiting for its answer before sending the next request. Prints requests served, errors, p50/p95/max
+latency per endpoint with their ratios to the idle times, the app's peak resident memory (VmHWM),
+and, where the app writes ``--timings``, where a request's time went.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import socket
@@ -27,6 +32,9 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lesionstudio.studio import DEFAULT_CANDIDATES, DEFAULT_DETAIL_TEMPERATURE, DEFAULT_TEMPERATURE  # noqa: E402
 
 
 def lesion(path: Path, seed: int) -> None:
@@ -46,76 +54,184 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds a process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(root: Path, port: int, checkpoints: str | None, timings: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)]
+    if checkpoints:
+        cmd += ["--checkpoints", checkpoints]
+    if "--timings" in (root / "app.py").read_text():
+        cmd += ["--timings", str(timings)]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    app = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(360):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            return app
+        except OSError:
+            if app.poll() is not None:
+                sys.exit("the app exited during start-up")
+            time.sleep(0.5)
+    app.kill()
+    sys.exit("the app did not start in 3 minutes")
+
+
+class Requests:
+    """The two requests the clients send, with the Generate tab's defaults."""
+
+    def __init__(self, latent: str, uploads: list[str], candidates: int) -> None:
+        self.latent, self.uploads, self.candidates = latent, uploads, candidates
+
+    def generate(self, client: Client, rng: random.Random) -> None:
+        client.predict(self.latent, DEFAULT_TEMPERATURE, 1, rng.randrange(10**6), "any", DEFAULT_DETAIL_TEMPERATURE,
+                       self.candidates, api_name="/generate")  # fmt: skip
+
+    def reconstruct(self, client: Client, rng: random.Random) -> None:
+        client.predict(handle_file(rng.choice(self.uploads)), self.latent, api_name="/reconstruct")
+
+
+def idle_times(url: str, requests: Requests) -> dict[str, float]:
+    """Each request alone on the idle app, after one warm-up: best of two."""
+    client, rng, out = Client(url, verbose=False), random.Random(-1), {}
+    for op in ("generate", "reconstruct"):
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            getattr(requests, op)(client, rng)
+            times.append(time.perf_counter() - t)
+        out[op] = min(times[1:])
+    return out
+
+
+def run_clients(url: str, requests: Requests, clients: int, generating: int, seconds: float, mixed: bool):
+    latencies: dict[str, list[float]] = {"generate": [], "reconstruct": []}
+    errors: list[str] = []
+    lock = threading.Lock()
+    deadline = time.time() + seconds
+
+    def worker(k: int) -> None:
+        rng = random.Random(k)
+        role = "generate" if k < generating else "reconstruct"
+        try:
+            client = Client(url, verbose=False)
+        except Exception as exc:  # a client that cannot connect counts as an error
+            with lock:
+                errors.append(f"connect: {exc}")
+            return
+        while time.time() < deadline:
+            op = ("generate" if rng.random() < generating / clients else "reconstruct") if mixed else role
+            t = time.perf_counter()
+            try:
+                getattr(requests, op)(client, rng)
+                with lock:
+                    latencies[op].append(time.perf_counter() - t)
+            except Exception as exc:  # every failure counts as an error
+                with lock:
+                    errors.append(f"{op}: {exc}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return latencies, errors
+
+
+def quantile(values: list[float], q: float) -> float:
+    return float(np.quantile(values, q)) if values else float("nan")
+
+
+def breakdown(timings: Path, latencies: dict[str, list[float]], skip: int) -> list[str]:
+    """Mean seconds per request in each part, from the app's timing log (warm-up lines skipped)."""
+    if not timings.exists():
+        return ["  (this app writes no timings)"]
+    rows = [json.loads(line) for line in timings.read_text().splitlines()[skip:]]
+    out = []
+    for op, values in latencies.items():
+        mine = [r for r in rows if r["endpoint"] == op]
+        if not mine or not values:
+            continue
+        mean = {k: statistics.fmean(r.get(k, 0.0) for r in mine) for k in mine[0] if k != "endpoint"}
+        outside = statistics.fmean(values) - mean["handler"]
+        parts = [f"Gradio queue + transfer {outside:.2f}"]
+        if "waited" in mean:
+            parts.append(f"sampler queue {mean['waited']:.2f}")
+        parts.append(f"compute {mean['ran']:.2f}")
+        if "cpu" in mean:
+            parts.append(f"(on a core {mean['cpu']:.2f}: {mean['cpu'] / mean['ran']:.0%})")
+        if "batch" in mean:
+            parts.append(f"(batch of {mean['batch']:.1f} requests)")
+        parts.append(f"encode {mean['encode']:.2f}")
+        if mean.get("nearest"):
+            parts.append(f"nearest {mean['nearest']:.2f}")
+        out.append(f"  {op:<12} mean {statistics.fmean(values):.2f} s = " + ", ".join(parts))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--generate-clients", type=int, default=None, help="clients that generate (default: a quarter)")
+    p.add_argument("--mixed", action="store_true",
+                   help="each client picks each request's kind at random, generating with that share (the "
+                   "slow kind then holds most clients: they finish the fast ones and join its queue)")
     p.add_argument("--seconds", type=float, default=60)
-    p.add_argument("--checkpoints", default=None, help="default: the bundled checkpoints/")
+    p.add_argument("--root", type=Path, default=ROOT, help="the checkout whose app.py is served")
+    p.add_argument("--checkpoints", default=None, help="default: the app's own default")
     p.add_argument("--latent", default="64")
-    p.add_argument("--generate-share", type=float, default=0.25, help="fraction of requests that generate")
+    p.add_argument("--client-nice", type=int, default=19, help="CPU niceness of the clients (0: as the app)")
+    p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="per generated sample")
     args = p.parse_args()
+    generating = args.clients // 4 if args.generate_clients is None else args.generate_clients
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)]
-    if args.checkpoints:
-        cmd += ["--checkpoints", args.checkpoints]
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    app = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = Path(tempfile.mkdtemp())
+    uploads = []
+    for i in range(32):  # distinct uploads, so no request can reuse another's work
+        lesion(tmp / f"l{i}.png", i)
+        uploads.append(str(tmp / f"l{i}.png"))
+    requests = Requests(args.latent, uploads, args.candidates)
+    port, timings = free_port(), tmp / "timings.jsonl"
+    app = start_app(args.root, port, args.checkpoints, timings)
+    # The clients share the machine with the app (real ones would not): the lowest CPU priority
+    # lets the app have the cores it can use; the clients' share is printed.
+    os.nice(args.client_nice)
     url = f"http://127.0.0.1:{port}/"
     try:
-        for _ in range(360):
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if app.poll() is not None:
-                    sys.exit("the app exited during start-up")
-                time.sleep(0.5)
-        tmp = Path(tempfile.mkdtemp())
-        uploads = []
-        for i in range(4):
-            lesion(tmp / f"l{i}.png", i)
-            uploads.append(str(tmp / f"l{i}.png"))
-        latencies: dict[str, list[float]] = {"reconstruct": [], "generate": []}
-        errors: list[str] = []
-        lock = threading.Lock()
+        idle = idle_times(url, requests)
+        skip = len(timings.read_text().splitlines()) if timings.exists() else 0
+        cpu_before, clients_before = cpu_seconds(app.pid), time.process_time()
         start = time.time()
-        deadline = start + args.seconds
-
-        def worker(k: int) -> None:
-            rng = random.Random(k)
-            client = Client(url, verbose=False)
-            while time.time() < deadline:
-                op = "generate" if rng.random() < args.generate_share else "reconstruct"
-                t = time.time()
-                try:
-                    if op == "generate":
-                        client.predict(args.latent, 1.0, 1, rng.randrange(10**6), "any", api_name="/generate")
-                    else:
-                        client.predict(handle_file(rng.choice(uploads)), args.latent, api_name="/reconstruct")
-                    with lock:
-                        latencies[op].append(time.time() - t)
-                except Exception as exc:  # every failure counts as an error
-                    with lock:
-                        errors.append(f"{op}: {exc}")
-
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(args.clients)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        latencies, errors = run_clients(url, requests, args.clients, generating, args.seconds, args.mixed)
         elapsed = time.time() - start
+        app_cores = (cpu_seconds(app.pid) - cpu_before) / elapsed
+        client_cores = (time.process_time() - clients_before) / elapsed
         served = sum(len(v) for v in latencies.values())
-        print(f"{args.clients} clients, {elapsed:.0f} s (requests in flight at the deadline were allowed to finish)")
+        share = generating / args.clients
+        who = f"each request generating with p = {share:.2f}" if args.mixed else f"{generating} generating"
+        print(f"{args.root.name}: {args.clients} clients ({who}; one {args.latent}x{args.latent} sample from "
+              f"{args.candidates} candidates), {elapsed:.0f} s (requests in flight at the deadline were allowed "
+              "to finish)")  # fmt: skip
         print(f"requests served: {served} ({served / elapsed:.2f}/s), errors: {len(errors)}")
         for op, values in latencies.items():
             if values:
-                q = statistics.quantiles(values, n=20) if len(values) > 1 else values * 19
-                print(f"  {op:<12} n={len(values):<4} p50 {statistics.median(values):6.2f} s  "
-                      f"p95 {q[18]:6.2f} s  max {max(values):6.2f} s")  # fmt: skip
+                print(f"  {op:<12} n={len(values):<4} idle {idle[op]:5.2f} s  p50 {quantile(values, 0.5):6.2f} s "
+                      f"({quantile(values, 0.5) / idle[op]:4.1f}x)  p95 {quantile(values, 0.95):6.2f} s "
+                      f"({quantile(values, 0.95) / idle[op]:4.1f}x)  max {max(values):6.2f} s")  # fmt: skip
         print(f"app peak resident memory: {peak_rss_mib(app.pid):.0f} MiB")
+        print("where the time went (means under load):")
+        print("\n".join(breakdown(timings, latencies, skip)))
+        print(f"cores busy during the load (of {os.cpu_count()}): the app {app_cores:.2f}, "
+              f"the benchmark's clients {client_cores:.2f}")  # fmt: skip
         for e in errors[:5]:
             print("error:", e)
     finally:
