@@ -121,7 +121,7 @@ def sample(
         raise ValueError(f"n must be at least 1, got {n}")
     h, w = shape or (prior.grid_size, prior.grid_size)
     device = prior.embedding.weight.device
-    coarse = _check_coarse(prior, (n, h, w), coarse)
+    coarse = _coarse_on_device(prior, (n, h, w), coarse)
     gen = make_generators(seed, n)
     lab = resolve_labels(prior, n, labels, gen)
     codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
@@ -129,9 +129,10 @@ def sample(
     return _fill(prior, codes, mask, lab, temperature, top_k, gen, method, progress, coarse)
 
 
-def _check_coarse(
+def _coarse_on_device(
     prior: GatedPixelCNN, shape: tuple[int, int, int], coarse: torch.Tensor | None
 ) -> torch.Tensor | None:
+    """The coarse grid as long codes on the prior's device, checked against the prior."""
     if coarse is not None:
         coarse = torch.as_tensor(coarse).to(prior.embedding.weight.device).long()
     prior.check_coarse(shape, coarse)  # a clear error when one is missing or does not fit
@@ -178,7 +179,7 @@ def inpaint(
         coarse = coarse[None] if coarse.ndim == 2 else coarse
         if coarse.shape[0] == b and b != b * n:
             coarse = coarse.repeat_interleave(n, dim=0)
-    coarse = _check_coarse(prior, (b * n, *codes.shape[1:]), coarse)
+    coarse = _coarse_on_device(prior, (b * n, *codes.shape[1:]), coarse)
     gen = make_generator(seed)
     lab = resolve_labels(prior, b * n, labels if labels is None else per_variant(labels, b, n), gen)
     m = candidates
