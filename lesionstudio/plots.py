@@ -1,11 +1,14 @@
-"""Plotly figures: training curves and codebook usage."""
+"""Charts and renderings: training curves, codebook usage, code maps and error heatmaps."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
+import torch
+from PIL import Image
 from plotly.subplots import make_subplots
 
 
@@ -64,3 +67,29 @@ def codebook_usage_figure(counts: Sequence[int], title: str = "Codebook usage") 
         height=380,
     )
     return theme_neutral(fig)
+
+
+def palette(num_codes: int) -> np.ndarray:
+    """A fixed, well-spread colour per code (golden-ratio hues), uint8 [K, 3]."""
+    hues = (np.arange(num_codes) * 0.618033988749895) % 1.0
+    sat = 0.55 + 0.45 * ((np.arange(num_codes) * 7) % 3) / 2
+    val = 0.65 + 0.35 * ((np.arange(num_codes) * 5) % 2)
+    rgb = np.array(Image.fromarray((np.stack([hues, sat, val], 1)[None] * 255).astype(np.uint8), "HSV").convert("RGB"))
+    return rgb[0]
+
+
+def code_map_image(codes: torch.Tensor, num_codes: int, size: int = 256) -> Image.Image:
+    """Codes [h, w] as colours, scaled up without smoothing."""
+    rgb = palette(num_codes)[codes.cpu().numpy()]
+    return Image.fromarray(rgb.astype(np.uint8)).resize((size, size), Image.NEAREST)
+
+
+def error_heatmap(recon: torch.Tensor, target: torch.Tensor, vmax: float = 0.25) -> Image.Image:
+    """Mean absolute error per pixel, black (0) -> red -> yellow -> white (>= vmax)."""
+    err = (recon - target).abs().mean(0).clamp(0, vmax).cpu().numpy() / vmax
+    stops = np.array([[0, 0, 0], [170, 20, 20], [250, 200, 40], [255, 255, 255]], dtype=np.float32)
+    pos = err * (len(stops) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
+    frac = (pos - lo)[..., None]
+    rgb = stops[lo] * (1 - frac) + stops[lo + 1] * frac
+    return Image.fromarray(rgb.astype(np.uint8))

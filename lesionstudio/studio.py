@@ -28,7 +28,7 @@ from .features import EncoderFeatures, cached, compute, dihedral, feature_transf
 from .hub import LATENTS, available_latents, default_source, has_critic, load_stack
 from .neighbours import DEFAULT_THRESHOLD, nearest
 from .pixelcnn import ClassNameError
-from .plots import codebook_usage_figure
+from .plots import code_map_image, codebook_usage_figure, error_heatmap
 from .readerstudy import Trial, plan_trials
 from .stack import ModelStack, inpaint_stack, per_sample_seeds, sample_ranked, sample_stack
 
@@ -46,32 +46,6 @@ REFERENCE_IMAGES = 64  # data images whose nearest other data image sets the typ
 
 class StudioError(ValueError):
     """A request the studio cannot serve, with a message meant for the user."""
-
-
-def palette(num_codes: int) -> np.ndarray:
-    """A fixed, well-spread colour per code (golden-ratio hues), uint8 [K, 3]."""
-    hues = (np.arange(num_codes) * 0.618033988749895) % 1.0
-    sat = 0.55 + 0.45 * ((np.arange(num_codes) * 7) % 3) / 2
-    val = 0.65 + 0.35 * ((np.arange(num_codes) * 5) % 2)
-    rgb = np.array(Image.fromarray((np.stack([hues, sat, val], 1)[None] * 255).astype(np.uint8), "HSV").convert("RGB"))
-    return rgb[0]
-
-
-def code_map_image(codes: torch.Tensor, num_codes: int, size: int = 256) -> Image.Image:
-    """Codes [h, w] as colours, scaled up without smoothing."""
-    rgb = palette(num_codes)[codes.cpu().numpy()]
-    return Image.fromarray(rgb.astype(np.uint8)).resize((size, size), Image.NEAREST)
-
-
-def error_heatmap(recon: torch.Tensor, target: torch.Tensor, vmax: float = 0.25) -> Image.Image:
-    """Mean absolute error per pixel, black (0) -> red -> yellow -> white (>= vmax)."""
-    err = (recon - target).abs().mean(0).clamp(0, vmax).cpu().numpy() / vmax
-    stops = np.array([[0, 0, 0], [170, 20, 20], [250, 200, 40], [255, 255, 255]], dtype=np.float32)
-    pos = err * (len(stops) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
-    frac = (pos - lo)[..., None]
-    rgb = stops[lo] * (1 - frac) + stops[lo + 1] * frac
-    return Image.fromarray(rgb.astype(np.uint8))
 
 
 def check_upload(path: str | Path) -> None:
@@ -435,7 +409,6 @@ class Studio:
         images = [to_pil(img) for img in pair.vqvae.decode_codes(out)]
         original = to_pil(pair.vqvae.decode_codes(codes[None]))
         return Inpainting(original, images, codes.cpu(), code_mask, list(out.cpu()))
-
 
     def quiz_trials(self, n: int, seed: int) -> list[Trial]:
         """A reader study's seeded order of real (from the data folder) and synthetic images."""
