@@ -37,7 +37,7 @@ def entropy_bits(counts: torch.Tensor) -> float:
     return math.log2(perplexity(counts)) if counts.sum() > 0 else 0.0
 
 
-def dead_codes(counts: torch.Tensor) -> int:
+def dead_code_count(counts: torch.Tensor) -> int:
     """Number of codes that never occur."""
     return int((counts == 0).sum())
 

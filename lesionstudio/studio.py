@@ -191,7 +191,7 @@ class Studio:
         stats = {
             "codes": pair.vqvae.num_codes,
             "used": metrics.codes_used(counts),
-            "dead": metrics.dead_codes(counts),
+            "dead": metrics.dead_code_count(counts),
             "perplexity": round(metrics.perplexity(counts), 1),
         }
         title = (

@@ -142,7 +142,7 @@ def test_metrics():
     counts = torch.tensor([5, 5, 0, 0])
     assert metrics.perplexity(counts) == pytest.approx(2.0)
     assert metrics.entropy_bits(counts) == pytest.approx(1.0)
-    assert metrics.dead_codes(counts) == 2 and metrics.codes_used(counts) == 2
+    assert metrics.dead_code_count(counts) == 2 and metrics.codes_used(counts) == 2
     assert metrics.usage_histogram(torch.tensor([[0, 1], [1, 3]]), 4).tolist() == [1, 2, 0, 1]
 
 
