@@ -211,8 +211,8 @@ def sample_ranked(
 
 
 def coarse_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """A fine code mask [..., h, w] to a coarser grid: a coarse code is redrawn if any of its
-    fine codes is."""
+    """A fine mask [..., h, w] (redrawn codes, painted pixels) to a coarser grid: a coarse cell
+    is marked if any of its fine cells is."""
     m = mask.float().reshape(-1, 1, *mask.shape[-2:])
     return (F.adaptive_max_pool2d(m, size) > 0).reshape(*mask.shape[:-2], size, size)
 

@@ -30,7 +30,7 @@ from .neighbours import DEFAULT_THRESHOLD, nearest
 from .pixelcnn import ClassNameError
 from .plots import code_map_image, codebook_usage_figure, error_heatmap
 from .readerstudy import Trial, plan_trials
-from .stack import ModelStack, inpaint_stack, per_sample_seeds, sample_ranked, sample_stack
+from .stack import ModelStack, coarse_mask, inpaint_stack, per_sample_seeds, sample_ranked, sample_stack
 
 # Upload limits: what the studio accepts before decoding (the README's Limits section).
 MAX_UPLOAD_BYTES = 20 * 2**20
@@ -459,8 +459,8 @@ def _painted_codes(arr: np.ndarray, grid: int) -> torch.Tensor:
     if arr.ndim == 3:
         arr = arr[..., 3] if arr.shape[-1] == 4 else arr.max(-1)
     m = torch.from_numpy((arr > 0).astype(np.float32))[None, None]
-    m = F.interpolate(m, size=(256, 256), mode="nearest")  # the frame the models see
-    return F.adaptive_max_pool2d(m, grid)[0, 0] > 0
+    painted = F.interpolate(m, size=(256, 256), mode="nearest")[0, 0] > 0  # the frame the models see
+    return coarse_mask(painted, grid)
 
 
 def zip_images(images: list[Image.Image], prefix: str = "lesion") -> bytes:
