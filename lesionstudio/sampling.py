@@ -126,7 +126,7 @@ def sample(
     lab = resolve_labels(prior, n, labels, gen)
     codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
     mask = torch.ones(n, h, w, dtype=torch.bool, device=device)
-    return _fill(prior, codes, mask, lab, temperature, top_k, gen, method, progress, coarse)
+    return _fill(Draw(prior, codes, mask, lab, temperature, top_k, gen, method, progress, coarse))
 
 
 def _coarse_on_device(
@@ -188,7 +188,7 @@ def inpaint(
     msk = mask.repeat_interleave(rep, dim=0)
     lab_all = None if lab is None else lab.repeat_interleave(m)
     coarse_all = None if coarse is None else coarse.repeat_interleave(m, dim=0)
-    filled = _fill(prior, grid, msk, lab_all, temperature, top_k, gen, method, progress, coarse_all)
+    filled = _fill(Draw(prior, grid, msk, lab_all, temperature, top_k, gen, method, progress, coarse_all))
     if m == 1:
         return filled
     score = _after_hole_loglik(prior, filled, msk, lab_all, coarse_all)
@@ -220,41 +220,52 @@ def _after_hole_loglik(
     return (ll * after).sum(1)
 
 
-def _fill(
-    prior: GatedPixelCNN,
-    codes: torch.Tensor,
-    mask: torch.Tensor,
-    labels: torch.Tensor | None,
-    temperature: float,
-    top_k: int | None,
-    gen: Generators,
-    method: str,
-    progress: Progress | None,
-    coarse: torch.Tensor | None = None,
-) -> torch.Tensor:
-    codes = codes.clone()
-    if labels is not None:
-        labels = labels.to(codes.device)
-    if method == "naive":
-        any_mask = mask.any(0)
-        total, done = int(any_mask.sum()), 0
-        for r in range(codes.shape[1]):
-            cols = torch.nonzero(any_mask[r]).flatten().tolist()
-            if not cols:
-                continue
-            noise = row_noise(gen, len(cols), codes.shape[0], prior.num_codes, prior.embedding.weight)
-            for j, c in enumerate(cols):
-                logits = prior(codes, labels, coarse)[:, :, r, c]
-                new = choose(logits, noise[j], temperature, top_k)
-                codes[:, r, c] = torch.where(mask[:, r, c], new, codes[:, r, c])
-            done += len(cols)
-            if progress:
-                progress(done / total)
-        return codes
-    if method != "incremental":
-        raise ValueError(f"method must be 'incremental' or 'naive', got {method!r}")
-    sampler = IncrementalSampler(prior, codes.shape[0], codes.shape[1], codes.shape[2], labels, coarse)
-    return sampler.fill(codes, mask, temperature, top_k, gen, progress)
+@dataclass
+class Draw:
+    """One fill of a batch of grids: what to draw (the masked codes), from which prior, and how."""
+
+    prior: GatedPixelCNN
+    codes: torch.Tensor  # [B, h, w], kept where mask is False
+    mask: torch.Tensor  # [B, h, w], True where a code is drawn
+    labels: torch.Tensor | None
+    temperature: float
+    top_k: int | None
+    gen: Generators
+    method: str = "incremental"
+    progress: Progress | None = None
+    coarse: torch.Tensor | None = None
+
+
+def _fill(draw: Draw) -> torch.Tensor:
+    """The draw's codes with every masked position drawn, by its method."""
+    codes = draw.codes.clone()
+    labels = None if draw.labels is None else draw.labels.to(codes.device)
+    if draw.method == "naive":
+        return _fill_naive(draw, codes, labels)
+    if draw.method != "incremental":
+        raise ValueError(f"method must be 'incremental' or 'naive', got {draw.method!r}")
+    sampler = IncrementalSampler(draw.prior, codes.shape[0], codes.shape[1], codes.shape[2], labels, draw.coarse)
+    return sampler.fill(codes, draw.mask, draw.temperature, draw.top_k, draw.gen, draw.progress)
+
+
+def _fill_naive(draw: Draw, codes: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """The reference sampler: the whole network once per drawn position, in place on codes."""
+    prior, mask = draw.prior, draw.mask
+    any_mask = mask.any(0)
+    total, done = int(any_mask.sum()), 0
+    for r in range(codes.shape[1]):
+        cols = torch.nonzero(any_mask[r]).flatten().tolist()
+        if not cols:
+            continue
+        noise = row_noise(draw.gen, len(cols), codes.shape[0], prior.num_codes, prior.embedding.weight)
+        for j, c in enumerate(cols):
+            logits = prior(codes, labels, draw.coarse)[:, :, r, c]
+            new = choose(logits, noise[j], draw.temperature, draw.top_k)
+            codes[:, r, c] = torch.where(mask[:, r, c], new, codes[:, r, c])
+        done += len(cols)
+        if draw.progress:
+            draw.progress(done / total)
+    return codes
 
 
 @dataclass
