@@ -42,11 +42,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--checkpoints", type=Path, default=None, help="folder with vqvae-N/ and pixelcnn-N/")
     src.add_argument("--hub", metavar="REPO_ID", default=None, help="Hugging Face Hub repo laid out the same way")
     p.add_argument("--examples", type=Path, default=EXAMPLES, help="folder of example images (default: examples/)")
-    p.add_argument("--data", type=Path, default=None,
-                   help="folder of real images: where a code occurs, each sample's nearest real image, and "
-                   "the reader study's real images")
-    p.add_argument("--quiz-log", type=Path, default=None,
-                   help="append every reader-study answer to this CSV (nothing is stored without it)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder of real images: where a code occurs, each sample's nearest real image, and "
+        "the reader study's real images",
+    )
+    p.add_argument(
+        "--quiz-log",
+        type=Path,
+        default=None,
+        help="append every reader-study answer to this CSV (nothing is stored without it)",
+    )
     p.add_argument("--data-limit", type=int, default=256, help="images of --data scanned (encoded once)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")

@@ -39,9 +39,17 @@ def rows(source: str, latent: int, repeat: int, candidates: list[int]) -> list[t
     name = f"{source}: {' -> '.join(str(lv.latent) for lv in stack.levels)}"
     out = []
     for m in [1] + [c for c in candidates if studio.has_critic and c > 1]:
-        t = best_of(lambda m=m: studio.generate(latent, n=1, temperature=DEFAULT_TEMPERATURE, seed=0,
-                                                detail_temperature=DEFAULT_DETAIL_TEMPERATURE, candidates=m),
-                    repeat)  # fmt: skip
+        t = best_of(
+            lambda m=m: studio.generate(
+                latent,
+                n=1,
+                temperature=DEFAULT_TEMPERATURE,
+                seed=0,
+                detail_temperature=DEFAULT_DETAIL_TEMPERATURE,
+                candidates=m,
+            ),
+            repeat,
+        )
         out.append((f"{name}, {m} candidate{'s' if m > 1 else ''}", t))
     return out
 

@@ -93,8 +93,16 @@ class Requests:
         self.latent, self.uploads, self.candidates = latent, uploads, candidates
 
     def generate(self, client: Client, rng: random.Random) -> None:
-        client.predict(self.latent, DEFAULT_TEMPERATURE, 1, rng.randrange(10**6), "any", DEFAULT_DETAIL_TEMPERATURE,
-                       self.candidates, api_name="/generate")  # fmt: skip
+        client.predict(
+            self.latent,
+            DEFAULT_TEMPERATURE,
+            1,
+            rng.randrange(10**6),
+            "any",
+            DEFAULT_DETAIL_TEMPERATURE,
+            self.candidates,
+            api_name="/generate",
+        )
 
     def reconstruct(self, client: Client, rng: random.Random) -> None:
         client.predict(handle_file(rng.choice(self.uploads)), self.latent, api_name="/reconstruct")
@@ -182,9 +190,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--generate-clients", type=int, default=None, help="clients that generate (default: a quarter)")
-    p.add_argument("--mixed", action="store_true",
-                   help="each client picks each request's kind at random, generating with that share (the "
-                   "slow kind then holds most clients: they finish the fast ones and join its queue)")
+    p.add_argument(
+        "--mixed",
+        action="store_true",
+        help="each client picks each request's kind at random, generating with that share (the "
+        "slow kind then holds most clients: they finish the fast ones and join its queue)",
+    )
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--root", type=Path, default=ROOT, help="the checkout whose app.py is served")
     p.add_argument("--checkpoints", default=None, help="default: the app's own default")
@@ -218,20 +229,26 @@ def main() -> None:
         served = sum(len(v) for v in latencies.values())
         share = generating / args.clients
         who = f"each request generating with p = {share:.2f}" if args.mixed else f"{generating} generating"
-        print(f"{args.root.name}: {args.clients} clients ({who}; one {args.latent}x{args.latent} sample from "
-              f"{args.candidates} candidates), {elapsed:.0f} s (requests in flight at the deadline were allowed "
-              "to finish)")  # fmt: skip
+        print(
+            f"{args.root.name}: {args.clients} clients ({who}; one {args.latent}x{args.latent} sample from "
+            f"{args.candidates} candidates), {elapsed:.0f} s (requests in flight at the deadline were allowed "
+            "to finish)"
+        )
         print(f"requests served: {served} ({served / elapsed:.2f}/s), errors: {len(errors)}")
         for op, values in latencies.items():
             if values:
-                print(f"  {op:<12} n={len(values):<4} idle {idle[op]:5.2f} s  p50 {quantile(values, 0.5):6.2f} s "
-                      f"({quantile(values, 0.5) / idle[op]:4.1f}x)  p95 {quantile(values, 0.95):6.2f} s "
-                      f"({quantile(values, 0.95) / idle[op]:4.1f}x)  max {max(values):6.2f} s")  # fmt: skip
+                print(
+                    f"  {op:<12} n={len(values):<4} idle {idle[op]:5.2f} s  p50 {quantile(values, 0.5):6.2f} s "
+                    f"({quantile(values, 0.5) / idle[op]:4.1f}x)  p95 {quantile(values, 0.95):6.2f} s "
+                    f"({quantile(values, 0.95) / idle[op]:4.1f}x)  max {max(values):6.2f} s"
+                )
         print(f"app peak resident memory: {peak_rss_mib(app.pid):.0f} MiB")
         print("where the time went (means under load):")
         print("\n".join(breakdown(timings, latencies, skip)))
-        print(f"cores busy during the load (of {os.cpu_count()}): the app {app_cores:.2f}, "
-              f"the benchmark's clients {client_cores:.2f}")  # fmt: skip
+        print(
+            f"cores busy during the load (of {os.cpu_count()}): the app {app_cores:.2f}, "
+            f"the benchmark's clients {client_cores:.2f}"
+        )
         for e in errors[:5]:
             print("error:", e)
     finally:

@@ -66,8 +66,9 @@ class RealismCritic(
 
     def _check(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3 or min(images.shape[-2:]) < self.view_size:
-            raise ValueError(f"expected images [B, 3, H, W] with sides of at least {self.view_size}, "
-                             f"got {tuple(images.shape)}")  # fmt: skip
+            raise ValueError(
+                f"expected images [B, 3, H, W] with sides of at least {self.view_size}, got {tuple(images.shape)}"
+            )
 
     def layout_view(self, images: torch.Tensor) -> torch.Tensor:
         size = (self.view_size, self.view_size)
@@ -114,8 +115,10 @@ class RealismCritic(
     def judge(self, images: torch.Tensor, batch_size: int = 32) -> Judgement:
         """Judge images in batches, in eval mode."""
         self.eval()
-        parts = [self(images[i : i + batch_size].to(self.layout_net[0].weight.device))
-                 for i in range(0, len(images), batch_size)]  # fmt: skip
+        parts = [
+            self(images[i : i + batch_size].to(self.layout_net[0].weight.device))
+            for i in range(0, len(images), batch_size)
+        ]
         return Judgement(torch.cat([p.layout for p in parts]).cpu(), torch.cat([p.texture for p in parts]).cpu())
 
 

@@ -34,8 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--coarse-prior", default=None, help="a hierarchical prior's coarse prior (default: beside it)")
     p.add_argument("--limit", type=int, default=None, help="first N images (after --split)")
     p.add_argument("--labels", type=Path, default=None, help="CSV of labels: score a conditional prior per class")
-    p.add_argument("--split", choices=("all", "train", "val"), default="all",
-                   help="the trainers' train or validation split of DIR (same --val-fraction, --seed)")  # fmt: skip
+    p.add_argument(
+        "--split",
+        choices=("all", "train", "val"),
+        default="all",
+        help="the trainers' train or validation split of DIR (same --val-fraction, --seed)",
+    )
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -72,8 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         gain = 1 - r["bits_per_code"] / r["unigram_bits"] if r["unigram_bits"] else 0.0
         print(f"prior NLL:     {r['bits_per_code']:.3f} bits/code ({gain:.1%} below unigram)")
     if r.get("fine_given_coarse_bits") is not None:
-        print(f"  of which:    coarse grid {r['coarse_bits_per_code']:.3f} bits per coarse code, "
-              f"fine grid given it {r['fine_given_coarse_bits']:.3f} bits per fine code")  # fmt: skip
+        print(
+            f"  of which:    coarse grid {r['coarse_bits_per_code']:.3f} bits per coarse code, "
+            f"fine grid given it {r['fine_given_coarse_bits']:.3f} bits per fine code"
+        )
     if args.json:
         keys = ("psnr", "ssim", "perplexity", "codes_used", "bits_per_code", "unigram_bits")
         extra = ("fine_given_coarse_bits", "coarse_bits_per_code")
@@ -98,8 +104,9 @@ def load_coarse(
         ("prior", coarse_prior, prior_path, "--coarse-prior"),
     ):
         if not given and not path.is_dir():
-            raise CheckpointError(f"{prior_dir} is a hierarchical prior: give its coarse {what} with {flag} "
-                                  f"(no {path} beside it)")  # fmt: skip
+            raise CheckpointError(
+                f"{prior_dir} is a hierarchical prior: give its coarse {what} with {flag} (no {path} beside it)"
+            )
     coarse = load_stack_from(vq_path, prior_path, device=device)
     check_coarse_stack(prior, prior_dir, coarse)
     return coarse

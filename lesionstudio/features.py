@@ -164,8 +164,14 @@ def cached(
 ) -> FeatureSet:
     """compute() for a folder's images, reusing a cache made by the same weights from the same
     files (same sizes and modification times); anything else is recomputed and the cache rewritten."""
-    key = {"weights": extractor.weights_key, "pooling": extractor.pooling, "grid": extractor.grid,
-           "pixel_size": PIXEL_SIZE, "scaling": "quantile-0.005", "files": _files_key(files)}  # fmt: skip
+    key = {
+        "weights": extractor.weights_key,
+        "pooling": extractor.pooling,
+        "grid": extractor.grid,
+        "pixel_size": PIXEL_SIZE,
+        "scaling": "quantile-0.005",
+        "files": _files_key(files),
+    }
     cache = cache or cache_dir() / f"features-{npzcache.digest(key)}.npz"
     found = npzcache.load(cache, key, ("files", "features", "pixels"))
     if found is not None:

@@ -56,8 +56,12 @@ def check(
 ) -> Report:
     """Nearest training images of generated and held-out images; ratios to the held-out median."""
     rows = []
-    summary: dict = {"threshold": threshold, "generated": len(generated.files), "train": len(train.files),
-                     "heldout": len(heldout.files)}  # fmt: skip
+    summary: dict = {
+        "threshold": threshold,
+        "generated": len(generated.files),
+        "train": len(train.files),
+        "heldout": len(heldout.files),
+    }
     per_space = {}
     for space, gen_f, tr_f, ho_f in (
         ("feature", generated.features, train.features, heldout.features),
@@ -66,8 +70,10 @@ def check(
         ref = nearest(ho_f, tr_f).distance
         typical = float(ref.median())
         if typical <= 0:
-            raise MemorizationError(f"held-out images have a median {space} distance of 0 to the training set: "
-                             "are the held-out images copies of training images?")  # fmt: skip
+            raise MemorizationError(
+                f"held-out images have a median {space} distance of 0 to the training set: "
+                "are the held-out images copies of training images?"
+            )
         nn = nearest(gen_f, tr_f)
         ratio = nn.distance / typical
         ref_ratio = ref / typical
@@ -82,16 +88,18 @@ def check(
     (fn, fr), (pn, pr) = per_space["feature"], per_space["pixel"]
     for i, path in enumerate(generated.files):
         f_ratio, p_ratio = float(fr[i]), float(pr[i])
-        rows.append({
-            "generated": str(path),
-            "nearest_feature": str(train.files[int(fn.index[i])]),
-            "feature_distance": round(float(fn.distance[i]), 5),
-            "feature_ratio": round(f_ratio, 4),
-            "nearest_pixel": str(train.files[int(pn.index[i])]),
-            "pixel_distance": round(float(pn.distance[i]), 5),
-            "pixel_ratio": round(p_ratio, 4),
-            "flagged": int(min(f_ratio, p_ratio) < threshold),
-        })  # fmt: skip
+        rows.append(
+            {
+                "generated": str(path),
+                "nearest_feature": str(train.files[int(fn.index[i])]),
+                "feature_distance": round(float(fn.distance[i]), 5),
+                "feature_ratio": round(f_ratio, 4),
+                "nearest_pixel": str(train.files[int(pn.index[i])]),
+                "pixel_distance": round(float(pn.distance[i]), 5),
+                "pixel_ratio": round(p_ratio, 4),
+                "flagged": int(min(f_ratio, p_ratio) < threshold),
+            }
+        )
     summary["flagged"] = sum(r["flagged"] for r in rows)
     return Report(rows, summary)
 
@@ -152,10 +160,12 @@ def contact_html(rows: list[dict], summary: dict, top: int = 32, size: int = 128
         return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" width="{size}">'
 
     chosen = sorted(rows, key=lambda r: min(r["feature_ratio"], r["pixel_ratio"]))[:top]
-    out = ["<!doctype html><meta charset='utf-8'><title>LesionStudio memorisation check</title>",
-           "<style>body{font-family:sans-serif} td{padding:4px;vertical-align:top} .f{color:#c00}</style>",
-           f"<h1>Closest generated / training pairs</h1><p>{html.escape(json.dumps(summary))}</p>",
-           "<table><tr><th>generated</th><th>nearest (features)</th><th>nearest (pixels)</th></tr>"]  # fmt: skip
+    out = [
+        "<!doctype html><meta charset='utf-8'><title>LesionStudio memorisation check</title>",
+        "<style>body{font-family:sans-serif} td{padding:4px;vertical-align:top} .f{color:#c00}</style>",
+        f"<h1>Closest generated / training pairs</h1><p>{html.escape(json.dumps(summary))}</p>",
+        "<table><tr><th>generated</th><th>nearest (features)</th><th>nearest (pixels)</th></tr>",
+    ]
     for r in chosen:
         flag = " <b class='f'>flagged</b>" if r["flagged"] else ""
         out.append(
@@ -231,9 +241,11 @@ def print_summary(report: Report, threshold: float, out: Path) -> None:
     print(f"{s['generated']} generated vs {s['train']} training images; reference: {s['heldout']} held-out images")
     for space in ("feature", "pixel"):
         q = s[space]
-        print(f"\n{space} space: typical held-out NN distance {q['typical_heldout_distance']:.4g}; "
-              f"generated ratio quantiles {q['generated_ratio_quantiles']}; "
-              f"held-out ratio quantiles {q['heldout_ratio_quantiles']}")  # fmt: skip
+        print(
+            f"\n{space} space: typical held-out NN distance {q['typical_heldout_distance']:.4g}; "
+            f"generated ratio quantiles {q['generated_ratio_quantiles']}; "
+            f"held-out ratio quantiles {q['heldout_ratio_quantiles']}"
+        )
         print(histogram([r[f"{space}_ratio"] for r in report.rows]))
     print(f"\nflagged (ratio < {threshold} in either space): {s['flagged']} of {s['generated']}")
     print(f"wrote {out / 'memorization.csv'}, {out / 'closest_pairs.png'}, {out / 'closest_pairs.html'}")
@@ -247,11 +259,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout-fraction", type=float, default=0.1, help="without --heldout: the trainers' split")
     p.add_argument("--seed", type=int, default=0, help="split seed (the trainers' --seed)")
     p.add_argument("--heldout-limit", type=int, default=256, help="held-out images used for the reference")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help="flag a generated image whose feature or pixel ratio is below this")  # fmt: skip
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="flag a generated image whose feature or pixel ratio is below this",
+    )
     p.add_argument("--out", type=Path, default=None, help="report folder (default: GENERATED/memorization)")
-    p.add_argument("--feature-model", default=None,
-                   help="VQ-VAE folder for features (default: shipped vqvae-32, or vqvae-64 for 32x32 samples)")
+    p.add_argument(
+        "--feature-model",
+        default=None,
+        help="VQ-VAE folder for features (default: shipped vqvae-32, or vqvae-64 for 32x32 samples)",
+    )
     p.add_argument("--checkpoints", default=None, help="checkpoints folder or Hub repo for the default model")
     p.add_argument("--top", type=int, default=16, help="pairs in the contact sheet")
     p.add_argument("--cache", type=Path, default=None, help="feature cache file for the training images")

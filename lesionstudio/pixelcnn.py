@@ -275,4 +275,3 @@ class GatedPixelCNN(
         """Negative log-likelihood of each grid in bits per code, shape [B] (given the coarse
         grid, for a hierarchical prior; the class marginalised out when labels is None)."""
         return self.bits_from(self.grid_log_likelihoods(codes, labels, coarse), codes[0].numel())
-

@@ -133,8 +133,12 @@ def report(
     perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
     n = min(len(real) // 2, len(fake))  # equal set sizes: the Frechet distance's bias depends on them
     half_a, half_b = real[perm[:n]], real[perm[n : 2 * n]]
-    out: dict = {"real_images": len(real), "generated_images": len(fake), "feature_dims": real.shape[1],
-                 "compared_set_size": n}  # fmt: skip
+    out: dict = {
+        "real_images": len(real),
+        "generated_images": len(fake),
+        "feature_dims": real.shape[1],
+        "compared_set_size": n,
+    }
     out["fd_vq"], out["kid_vq"], out["kid_vq_std"] = frechet_kid(real, fake)
     # The floor: the same distances between two disjoint sets of n real images, and n real vs n generated.
     out["fd_vq_real_split"], out["kid_vq_real_split"], _ = frechet_kid(half_a, half_b)
@@ -161,8 +165,10 @@ def c2st_calibration(
     gen = torch.Generator().manual_seed(settings.seed)
     perm = torch.randperm(len(real), generator=gen)
     a, b = real[perm[: len(real) // 2]], real[perm[len(real) // 2 :]]
-    rows = {"real vs real": two_sample_test(a, b, settings), "real vs blurred real (sigma 1 px)":
-            two_sample_test(a, blurred(b, 1.0), settings)}  # fmt: skip
+    rows = {
+        "real vs real": two_sample_test(a, b, settings),
+        "real vs blurred real (sigma 1 px)": two_sample_test(a, blurred(b, 1.0), settings),
+    }
     if vqvae is not None:
         rows[f"real vs {vqvae.latent_size}x{vqvae.latent_size} VQ-VAE reconstructions"] = two_sample_test(
             a, reconstructions(b, vqvae), settings
@@ -171,20 +177,27 @@ def c2st_calibration(
 
 
 def print_c2st(name: str, r: TwoSampleResult) -> None:
-    print(f"C2ST {name}: layout {r.layout_accuracy:.3f}, texture {r.texture_accuracy:.3f} "
-          f"(+- {r.standard_error:.3f}; {r.train_per_set} + {r.train_per_set} to train, "
-          f"{r.test_per_set} + {r.test_per_set} to test, {r.seconds:.0f} s)")  # fmt: skip
+    print(
+        f"C2ST {name}: layout {r.layout_accuracy:.3f}, texture {r.texture_accuracy:.3f} "
+        f"(+- {r.standard_error:.3f}; {r.train_per_set} + {r.train_per_set} to train, "
+        f"{r.test_per_set} + {r.test_per_set} to test, {r.seconds:.0f} s)"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lesionstudio.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--real", type=Path, required=True, help="held-out real images (not the training set)")
-    p.add_argument("--real-split", choices=("all", "train", "val"), default="all",
-                   help="the trainers' split of --real (val: the images they held out)")  # fmt: skip
+    p.add_argument(
+        "--real-split",
+        choices=("all", "train", "val"),
+        default="all",
+        help="the trainers' split of --real (val: the images they held out)",
+    )
     p.add_argument("--generated", type=Path, default=None, help="generated images")
     p.add_argument("--limit", type=int, default=None, help="use at most N images of each folder")
-    p.add_argument("--feature-model", default=None,
-                   help="VQ-VAE folder (default: shipped vqvae-32, or vqvae-64 for 32x32 samples)")
+    p.add_argument(
+        "--feature-model", default=None, help="VQ-VAE folder (default: shipped vqvae-32, or vqvae-64 for 32x32 samples)"
+    )
     p.add_argument("--checkpoints", default=None, help="checkpoints folder or Hub repo for the default model")
     p.add_argument("--inception-weights", default=None, help="local FID Inception weights: adds Inception FID")
     p.add_argument("--c2st", action="store_true", help="add the classifier two-sample test")

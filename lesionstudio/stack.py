@@ -161,9 +161,16 @@ def sample_stack(
     drawn: list[torch.Tensor] = []
     for i, level in enumerate(levels):
         coarse = drawn[-1] if drawn else None
-        grids = sample(level.checked_prior(), n, temperature=temps[i], seed=level_seed(seed, i),
-                       labels=labels if i == 0 else lab, coarse=coarse, method=method,
-                       progress=_split(progress, *ranges[i]))  # fmt: skip
+        grids = sample(
+            level.checked_prior(),
+            n,
+            temperature=temps[i],
+            seed=level_seed(seed, i),
+            labels=labels if i == 0 else lab,
+            coarse=coarse,
+            method=method,
+            progress=_split(progress, *ranges[i]),
+        )
         drawn.append(grids)
     return StackSample(drawn, lab)
 
@@ -233,8 +240,9 @@ def inpaint_stack(
     or [B, h_i, w_i]). Returns n variants per image of the finest grid, [B * n, h, w]."""
     levels = stack.sampling_levels()
     if len(codes) != len(levels):
-        raise ValueError(f"inpainting this {len(levels)}-level stack needs the image's codes at every level "
-                         "(coarse codes first)")
+        raise ValueError(
+            f"inpainting this {len(levels)}-level stack needs the image's codes at every level (coarse codes first)"
+        )
     grids = [c[None] if c.ndim == 2 else c for c in codes]
     mask = mask[None] if mask.ndim == 2 else mask
     b = grids[-1].shape[0]
@@ -249,9 +257,17 @@ def inpaint_stack(
     ranges = _shares([float(m.sum()) for m in masks])
     variants = None
     for i, level in enumerate(levels):
-        variants = inpaint(level.checked_prior(), grids[i], masks[i], temperature=temps[i],
-                           seed=level_seed(seed, i), labels=lab, n=n, coarse=variants,
-                           progress=_split(progress, *ranges[i]))  # fmt: skip
+        variants = inpaint(
+            level.checked_prior(),
+            grids[i],
+            masks[i],
+            temperature=temps[i],
+            seed=level_seed(seed, i),
+            labels=lab,
+            n=n,
+            coarse=variants,
+            progress=_split(progress, *ranges[i]),
+        )
     assert variants is not None
     return variants
 

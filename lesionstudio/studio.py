@@ -373,8 +373,9 @@ class Studio:
         labels = prior.class_label(settings.class_name)
         temps = (settings.temperature, settings.detail_temperature)
         if settings.candidates > 1:
-            drawn = sample_ranked(pair, len(seeds), settings.candidates, temperature=temps, seed=seeds,
-                                  labels=labels, progress=progress)  # fmt: skip
+            drawn = sample_ranked(
+                pair, len(seeds), settings.candidates, temperature=temps, seed=seeds, labels=labels, progress=progress
+            )
         else:
             drawn = sample_stack(pair, len(seeds), temperature=temps, seed=seeds, labels=labels, progress=progress)
         return [to_pil(img) for img in pair.vqvae.decode_codes(drawn.codes)]
@@ -404,8 +405,9 @@ class Studio:
         code_mask = mask_to_codes(mask, codes.shape[-1])
         if not bool(code_mask.any()):
             raise StudioError("Paint over the region to change first (the mask is empty).")
-        out = inpaint_stack(pair, levels, code_mask.to(codes.device), n=n, temperature=float(temperature),
-                            seed=seed, progress=progress)  # fmt: skip
+        out = inpaint_stack(
+            pair, levels, code_mask.to(codes.device), n=n, temperature=float(temperature), seed=seed, progress=progress
+        )
         images = [to_pil(img) for img in pair.vqvae.decode_codes(out)]
         original = to_pil(pair.vqvae.decode_codes(codes[None]))
         return Inpainting(original, images, codes.cpu(), code_mask, list(out.cpu()))
@@ -433,9 +435,15 @@ class Studio:
         drawn: dict[int, Image.Image] = {}
         for start in range(0, len(trials), MAX_SAMPLES):
             batch = trials[start : start + MAX_SAMPLES]
-            images = self.generate(self.default_latent, len(batch), DEFAULT_TEMPERATURE, [t.seed for t in batch],
-                                   progress=_part(progress, start / len(trials), len(batch) / len(trials)),
-                                   detail_temperature=DEFAULT_DETAIL_TEMPERATURE, candidates=candidates)  # fmt: skip
+            images = self.generate(
+                self.default_latent,
+                len(batch),
+                DEFAULT_TEMPERATURE,
+                [t.seed for t in batch],
+                progress=_part(progress, start / len(trials), len(batch) / len(trials)),
+                detail_temperature=DEFAULT_DETAIL_TEMPERATURE,
+                candidates=candidates,
+            )
             drawn |= {t.index: img for t, img in zip(batch, images, strict=True)}
         return drawn
 

@@ -40,15 +40,36 @@ from .hubmodel import WEIGHTS_NAME, CheckpointError
 from .sampling import make_generator, resolve_labels
 from .stack import ModelStack, sample_ranked, sample_stack, stack_nll_bits
 
-REQUIRED = ["file", "class", "latent", "temperature", "seed", "index", "image_seed", "bits_per_code",
-            "vqvae", "vqvae_sha256", "prior", "prior_sha256"]  # fmt: skip
+REQUIRED = [
+    "file",
+    "class",
+    "latent",
+    "temperature",
+    "seed",
+    "index",
+    "image_seed",
+    "bits_per_code",
+    "vqvae",
+    "vqvae_sha256",
+    "prior",
+    "prior_sha256",
+]
 # Empty for a plain prior or without a critic (and absent from folders made before them).
-OPTIONAL = ["coarse_prior", "coarse_prior_sha256", "detail_temperature", "candidates", "critic_sha256",
-            "realism_score"]  # fmt: skip
+OPTIONAL = ["coarse_prior", "coarse_prior_sha256", "detail_temperature", "candidates", "critic_sha256", "realism_score"]
 COLUMNS = REQUIRED + OPTIONAL
 # Columns that must agree between the rows already in a folder and a new run.
-SETTINGS = ["latent", "temperature", "seed", "requested_class", "vqvae_sha256", "prior_sha256", "coarse_prior_sha256",
-            "detail_temperature", "candidates", "critic_sha256"]  # fmt: skip
+SETTINGS = [
+    "latent",
+    "temperature",
+    "seed",
+    "requested_class",
+    "vqvae_sha256",
+    "prior_sha256",
+    "coarse_prior_sha256",
+    "detail_temperature",
+    "candidates",
+    "critic_sha256",
+]
 # What a folder made before a column existed holds for it (so it still resumes).
 DEFAULTS = {"detail_temperature": "", "candidates": "1", "critic_sha256": ""}
 METADATA = "metadata.csv"
@@ -100,12 +121,12 @@ codes and decoded by the VQ-VAE. None is a photograph of a patient. They are not
 or any clinical purpose; models trained on them must be validated on real images.
 
 - images: {count} (`synthetic_*.png`, 256x256); one row each in `metadata.csv`
-- latent grid: {settings['latent']}x{settings['latent']}; temperature {settings['temperature']};
-  run seed {settings['seed']}; class requested: {settings['requested_class']}
-- VQ-VAE: `{pair.vqvae_dir}` (model.safetensors SHA-256 `{settings['vqvae_sha256']}`)
-- prior: `{pair.prior_dir}` (model.safetensors SHA-256 `{settings['prior_sha256']}`){_coarse_line(settings)}
+- latent grid: {settings["latent"]}x{settings["latent"]}; temperature {settings["temperature"]};
+  run seed {settings["seed"]}; class requested: {settings["requested_class"]}
+- VQ-VAE: `{pair.vqvae_dir}` (model.safetensors SHA-256 `{settings["vqvae_sha256"]}`)
+- prior: `{pair.prior_dir}` (model.safetensors SHA-256 `{settings["prior_sha256"]}`){_coarse_line(settings)}
 - made with: `{command}`
-- last written: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}
+- last written: {dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 The models were trained on ISIC archive images (research and non-commercial use; see their
 model cards). Check the set for copies of training images before sharing it:
@@ -116,11 +137,15 @@ model cards). Check the set for copies of training images before sharing it:
 def _coarse_line(settings: dict[str, str]) -> str:
     lines = ""
     if settings["coarse_prior"]:
-        lines += (f"\n- coarse prior, which drew each lesion's layout first: `{settings['coarse_prior']}` "
-                  f"(model.safetensors SHA-256 `{settings['coarse_prior_sha256']}`)")  # fmt: skip
+        lines += (
+            f"\n- coarse prior, which drew each lesion's layout first: `{settings['coarse_prior']}` "
+            f"(model.safetensors SHA-256 `{settings['coarse_prior_sha256']}`)"
+        )
     if settings["critic_sha256"]:
-        lines += (f"\n- each image the best of {settings['candidates']} candidates by the realism critic "
-                  f"(model.safetensors SHA-256 `{settings['critic_sha256']}`; score in `realism_score`)")  # fmt: skip
+        lines += (
+            f"\n- each image the best of {settings['candidates']} candidates by the realism critic "
+            f"(model.safetensors SHA-256 `{settings['critic_sha256']}`; score in `realism_score`)"
+        )
     return lines
 
 
@@ -171,8 +196,9 @@ def synthesize(
         "prior_sha256": file_sha256(Path(pair.prior_dir) / WEIGHTS_NAME),
         # Every coarser level, finest first.
         "coarse_prior": ";".join(str(lv.prior_dir) for lv in reversed(pair.levels[:-1])),
-        "coarse_prior_sha256": ";".join(file_sha256(Path(lv.prior_dir) / WEIGHTS_NAME)
-                                        for lv in reversed(pair.levels[:-1]) if lv.prior_dir),  # fmt: skip
+        "coarse_prior_sha256": ";".join(
+            file_sha256(Path(lv.prior_dir) / WEIGHTS_NAME) for lv in reversed(pair.levels[:-1]) if lv.prior_dir
+        ),
         "detail_temperature": "" if detail_temperature is None else repr(float(detail_temperature)),
         "candidates": str(candidates),
         "critic_sha256": critic_sha256(pair),
@@ -181,8 +207,10 @@ def synthesize(
     for row in rows.values():
         for key in SETTINGS:
             if row.get(key, DEFAULTS.get(key, "")) != settings[key]:
-                raise ValueError(f"{out} holds images made with {key}={row.get(key)!r}, not {settings[key]!r}; "
-                                 "use another --out (or the same settings to resume)")  # fmt: skip
+                raise ValueError(
+                    f"{out} holds images made with {key}={row.get(key)!r}, not {settings[key]!r}; "
+                    "use another --out (or the same settings to resume)"
+                )
     todo = [i for i in range(n) if file_name(i) not in rows or not (out / file_name(i)).exists()]
     device = prior.embedding.weight.device
     bar = tqdm(total=n, initial=n - len(todo), desc="synthesizing", unit="img", disable=not show_progress)
@@ -232,32 +260,51 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latent", type=int, choices=LATENTS, default=64, help="code grid side")
     p.add_argument("--class", dest="class_name", default="any", help="benign, malignant or any (training mix)")
     p.add_argument("--temperature", type=float, default=1.0, help="of the coarsest level (the layout)")
-    p.add_argument("--detail-temperature", type=float, default=None,
-                   help="of every finer level (default: --temperature)")  # fmt: skip
-    p.add_argument("--candidates", type=int, default=1,
-                   help="keep the best of M candidates per image by the realism critic (needs critic/)")  # fmt: skip
+    p.add_argument(
+        "--detail-temperature", type=float, default=None, help="of every finer level (default: --temperature)"
+    )
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=1,
+        help="keep the best of M candidates per image by the realism critic (needs critic/)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="grids sampled together")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoints", default=None, help="checkpoints folder (default: $LESIONSTUDIO_CHECKPOINTS "
-                     "or the bundled checkpoints/)")  # fmt: skip
+    src.add_argument(
+        "--checkpoints",
+        default=None,
+        help="checkpoints folder (default: $LESIONSTUDIO_CHECKPOINTS or the bundled checkpoints/)",
+    )
     src.add_argument("--hub", default=None, help="Hugging Face Hub repo id holding vqvae-N/ and pixelcnn-N/")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     command = "python -m lesionstudio.synthesize " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         pair = load_stack(args.latent, args.hub or args.checkpoints, device=args.device)
-        rows = synthesize(args.out, args.n, pair, args.class_name, args.temperature, args.seed, args.batch_size,
-                          command=command, detail_temperature=args.detail_temperature,
-                          candidates=args.candidates)  # fmt: skip
+        rows = synthesize(
+            args.out,
+            args.n,
+            pair,
+            args.class_name,
+            args.temperature,
+            args.seed,
+            args.batch_size,
+            command=command,
+            detail_temperature=args.detail_temperature,
+            candidates=args.candidates,
+        )
     except (CheckpointError, ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     classes: dict[str, int] = {}
     for r in rows:
         classes[r["class"] or "unconditional"] = classes.get(r["class"] or "unconditional", 0) + 1
     mean_bits = sum(float(r["bits_per_code"]) for r in rows) / len(rows)
-    print(f"{len(rows)} images in {args.out} ({', '.join(f'{k}: {v}' for k, v in sorted(classes.items()))}); "
-          f"mean {mean_bits:.3f} bits/code under the prior")  # fmt: skip
+    print(
+        f"{len(rows)} images in {args.out} ({', '.join(f'{k}: {v}' for k, v in sorted(classes.items()))}); "
+        f"mean {mean_bits:.3f} bits/code under the prior"
+    )
 
 
 if __name__ == "__main__":

@@ -95,9 +95,17 @@ def example_gallery(examples: list[str] | None, elem_id: str) -> gr.Gallery | No
     """Clickable example thumbnails (a click loads the image into the tab's input)."""
     if not examples:
         return None
-    return gr.Gallery(examples, label="Examples (made by the shipped models): click one", columns=4, rows=2,
-                      height=190, object_fit="cover", allow_preview=False, interactive=False,
-                      elem_id=elem_id)  # fmt: skip
+    return gr.Gallery(
+        examples,
+        label="Examples (made by the shipped models): click one",
+        columns=4,
+        rows=2,
+        height=190,
+        object_fit="cover",
+        allow_preview=False,
+        interactive=False,
+        elem_id=elem_id,
+    )
 
 
 class ResultFiles:
@@ -172,13 +180,21 @@ def build(
         return fig, stats, patch, atlas, where
 
     @user_errors
-    def generate(latent: str, temperature: float, n: float, seed: float, label: str, detail: float | None = None,
-                 candidates: float = 1, progress=gr.Progress()):  # noqa: B008  # fmt: skip
+    def generate(
+        latent: str,
+        temperature: float,
+        n: float,
+        seed: float,
+        label: str,
+        detail: float | None = None,
+        candidates: float = 1,
+        progress=gr.Progress(),
+    ):
         began = time.perf_counter()
-        settings = studio.generation_settings(latent, float(temperature), label,
-                                              None if detail is None else float(detail), int(candidates))  # fmt: skip
-        out = sampler.generate(settings, studio.sample_seeds(int(n), int(seed)),
-                               lambda f, desc: progress(f, desc=desc))  # fmt: skip
+        settings = studio.generation_settings(
+            latent, float(temperature), label, None if detail is None else float(detail), int(candidates)
+        )
+        out = sampler.generate(settings, studio.sample_seeds(int(n), int(seed)), lambda f, desc: progress(f, desc=desc))
         encoding = time.perf_counter()
         images = out.images
         if len(images) == 1:
@@ -192,17 +208,25 @@ def build(
         progress(1, desc="finding the nearest training images")
         near = [(files.png(img), caption) for img, caption in studio.nearest_training(images)]
         done = time.perf_counter()
-        timings.record("generate", handler=done - began, waited=out.timing.waited, ran=out.timing.ran,
-                       cpu=out.timing.cpu, batch=out.timing.batch, encode=searching - encoding,
-                       nearest=done - searching)  # fmt: skip
+        timings.record(
+            "generate",
+            handler=done - began,
+            waited=out.timing.waited,
+            ran=out.timing.ran,
+            cpu=out.timing.cpu,
+            batch=out.timing.batch,
+            encode=searching - encoding,
+            nearest=done - searching,
+        )
         return shown, str(path), near
 
     @user_errors
-    def inpaint(editor: dict | None, latent: str, temperature: float, n: float, seed: float, progress=gr.Progress()):  # noqa: B008
+    def inpaint(editor: dict | None, latent: str, temperature: float, n: float, seed: float, progress=gr.Progress()):
         background, layers = _editor_parts(editor)
-        out = sampler.call(lambda p: studio.inpaint(background, layers, latent, int(n), float(temperature), int(seed),
-                                                    progress=p),
-                           lambda f, desc: progress(f, desc=desc))  # fmt: skip
+        out = sampler.call(
+            lambda p: studio.inpaint(background, layers, latent, int(n), float(temperature), int(seed), progress=p),
+            lambda f, desc: progress(f, desc=desc),
+        )
         info = {"codes_resampled": int(out.code_mask.sum()), "grid": int(latent), "variants": len(out.variants)}
         return files.png(out.original), [files.png(v) for v in out.variants], info
 
@@ -214,8 +238,9 @@ def build(
                 with gr.Column(scale=1):
                     # A file input, not gr.Image: the studio decodes uploads itself, so an odd or
                     # hostile file gets the studio's clear message rather than a decoder error.
-                    r_in = gr.File(label="Lesion image", file_types=list(UPLOAD_TYPES), type="filepath",
-                                   elem_id="upload")  # fmt: skip
+                    r_in = gr.File(
+                        label="Lesion image", file_types=list(UPLOAD_TYPES), type="filepath", elem_id="upload"
+                    )
                     r_examples = example_gallery(examples, "reconstruct-examples")
                     r_latent = gr.Radio(latents, value=default_latent, label="Latent grid (codes per side)")
                     r_btn = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct-btn")
@@ -242,22 +267,40 @@ def build(
                 c_stats = gr.JSON(label="Summary")
                 c_patch = gr.Image(label="The chosen code, decoded as a patch", format="png")
                 c_atlas = gr.Image(label="All codes, each decoded as a tile", format="png")
-            c_where = gr.Gallery(label="Where the code occurs most in the data folder (outlined)", columns=4,
-                                 format="png", visible=bool(studio.data_files))  # fmt: skip
-            c_btn.click(codebook, [c_latent, c_code], [c_plot, c_stats, c_patch, c_atlas, c_where],
-                        api_name="codebook")  # fmt: skip
+            c_where = gr.Gallery(
+                label="Where the code occurs most in the data folder (outlined)",
+                columns=4,
+                format="png",
+                visible=bool(studio.data_files),
+            )
+            c_btn.click(codebook, [c_latent, c_code], [c_plot, c_stats, c_patch, c_atlas, c_where], api_name="codebook")
 
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=1):
                     g_latent = gr.Radio(latents, value=default_latent, label="Latent grid")
-                    g_temp = gr.Slider(0.0, 1.5, value=DEFAULT_TEMPERATURE, step=0.05,
-                                       label="Temperature of the layout (coarsest grid; 0 = most likely code)")
-                    g_detail = gr.Slider(0.0, 1.5, value=DEFAULT_DETAIL_TEMPERATURE, step=0.05,
-                                         label="Detail temperature (every finer grid)")
-                    g_cand = gr.Slider(1, MAX_CANDIDATES, value=default_candidates, step=1,
-                                       label="Candidates per sample (the critic keeps the most real-looking)",
-                                       visible=studio.has_critic)  # fmt: skip
+                    g_temp = gr.Slider(
+                        0.0,
+                        1.5,
+                        value=DEFAULT_TEMPERATURE,
+                        step=0.05,
+                        label="Temperature of the layout (coarsest grid; 0 = most likely code)",
+                    )
+                    g_detail = gr.Slider(
+                        0.0,
+                        1.5,
+                        value=DEFAULT_DETAIL_TEMPERATURE,
+                        step=0.05,
+                        label="Detail temperature (every finer grid)",
+                    )
+                    g_cand = gr.Slider(
+                        1,
+                        MAX_CANDIDATES,
+                        value=default_candidates,
+                        step=1,
+                        label="Candidates per sample (the critic keeps the most real-looking)",
+                        visible=studio.has_critic,
+                    )
                     g_n = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="Number of samples")
                     g_seed = gr.Number(value=0, precision=0, label="Seed")
                     g_class = gr.Dropdown(studio.class_choices(default_latent), value="any", label="Class")
@@ -267,19 +310,38 @@ def build(
                     g_file = gr.File(label="Download (PNG, or zip for several)")
                     g_send = gr.Button("Inpaint the first sample")
                     # A memorisation check at a glance: is a sample a copy of a training image?
-                    g_near = gr.Gallery(label="Nearest training image of each sample (ratio to the typical "
-                                        "real-to-real distance; near 0 = copy)", columns=4, format="png",
-                                        visible=bool(studio.data_files), elem_id="nearest")  # fmt: skip
+                    g_near = gr.Gallery(
+                        label="Nearest training image of each sample (ratio to the typical "
+                        "real-to-real distance; near 0 = copy)",
+                        columns=4,
+                        format="png",
+                        visible=bool(studio.data_files),
+                        elem_id="nearest",
+                    )
             g_inputs = [g_latent, g_temp, g_n, g_seed, g_class, g_detail, g_cand]
             runnable = [e for e in GENERATE_EXAMPLES if e[0] in latents and (studio.has_critic or e[6] == 1)]
             if runnable:
-                gr.Examples(runnable, inputs=g_inputs, outputs=[g_gallery, g_file, g_near], fn=generate,
-                            cache_examples=True, cache_mode="lazy", label="Example settings (results cached)",
-                            api_visibility="private", elem_id="generate-examples")  # fmt: skip
+                gr.Examples(
+                    runnable,
+                    inputs=g_inputs,
+                    outputs=[g_gallery, g_file, g_near],
+                    fn=generate,
+                    cache_examples=True,
+                    cache_mode="lazy",
+                    label="Example settings (results cached)",
+                    api_visibility="private",
+                    elem_id="generate-examples",
+                )
             # All sampler work (generate, with its ranking; inpaint; the reader study's draw) goes to one
             # worker, one job at a time; waiting generations with the same settings share a batch.
-            g_btn.click(generate, g_inputs, [g_gallery, g_file, g_near], api_name="generate",
-                        concurrency_limit=SAMPLER_WAITING, concurrency_id="sampler")  # fmt: skip
+            g_btn.click(
+                generate,
+                g_inputs,
+                [g_gallery, g_file, g_near],
+                api_name="generate",
+                concurrency_limit=SAMPLER_WAITING,
+                concurrency_id="sampler",
+            )
 
         with gr.Tab("Inpaint"):
             gr.Markdown(
@@ -291,9 +353,15 @@ def build(
             )
             with gr.Row():
                 with gr.Column(scale=1):
-                    i_edit = gr.ImageEditor(type="pil", image_mode="RGBA", label="Paint the region to change",
-                                            sources=["upload"], layers=False, transforms=(),
-                                            brush=gr.Brush(colors=["#ff00ff"], default_size=24))  # fmt: skip
+                    i_edit = gr.ImageEditor(
+                        type="pil",
+                        image_mode="RGBA",
+                        label="Paint the region to change",
+                        sources=["upload"],
+                        layers=False,
+                        transforms=(),
+                        brush=gr.Brush(colors=["#ff00ff"], default_size=24),
+                    )
                     i_examples = example_gallery(examples, "inpaint-examples")
                     i_latent = gr.Radio(latents, value=default_latent, label="Latent grid")
                     i_temp = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Temperature")
@@ -306,8 +374,14 @@ def build(
                     i_info = gr.JSON(label="Details")
             if i_examples:
                 i_examples.select(picked_for_editor, None, i_edit, api_name=False)
-            i_btn.click(inpaint, [i_edit, i_latent, i_temp, i_n, i_seed], [i_orig, i_gallery, i_info],
-                        api_name="inpaint", concurrency_limit=SAMPLER_WAITING, concurrency_id="sampler")  # fmt: skip
+            i_btn.click(
+                inpaint,
+                [i_edit, i_latent, i_temp, i_n, i_seed],
+                [i_orig, i_gallery, i_info],
+                api_name="inpaint",
+                concurrency_limit=SAMPLER_WAITING,
+                concurrency_id="sampler",
+            )
 
         with gr.Tab("Real or synthetic?"):
             quiz_tab(studio, files, quiz_log, sampler)
@@ -354,13 +428,14 @@ def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None, sampler:
         return files.png(img), f"Image {trial.index + 1} of {len(q.session.trials)}"
 
     @user_errors
-    def start(reader: str, n: float, seed: float, progress=gr.Progress()):  # noqa: B008
+    def start(reader: str, n: float, seed: float, progress=gr.Progress()):
         q = QuizState(Session(studio.quiz_trials(int(n), int(seed)), reader))
         # Synthetic images are drawn before the study starts: drawing one while the reader waits
         # would take seconds where a real one appears at once, and give the answer away.
         synthetic = [t for t in q.session.trials if t.real_path is None]
-        q.drawn = sampler.call(lambda p: studio.quiz_synthetic_images(synthetic, p),
-                               lambda f, desc: progress(f, desc=desc))  # fmt: skip
+        q.drawn = sampler.call(
+            lambda p: studio.quiz_synthetic_images(synthetic, p), lambda f, desc: progress(f, desc=desc)
+        )
         return q, *shown(q), gr.update(visible=True), "", None
 
     @user_errors
@@ -390,14 +465,22 @@ def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None, sampler:
             q_progress = gr.Markdown(elem_id="quiz-progress")
             q_image = gr.Image(label="Real or synthetic?", format="png", interactive=False, elem_id="quiz-image")
             with gr.Group(visible=False) as q_form:
-                q_choice = gr.Radio([REAL.capitalize(), SYNTHETIC.capitalize()], label="This image is",
-                                    elem_id="quiz-choice")  # fmt: skip
+                q_choice = gr.Radio(
+                    [REAL.capitalize(), SYNTHETIC.capitalize()], label="This image is", elem_id="quiz-choice"
+                )
                 q_conf = gr.Slider(1, 5, value=3, step=1, label="Confidence (1 = guess, 5 = certain)")
                 q_submit = gr.Button("Answer", variant="primary", elem_id="quiz-answer")
             q_summary = gr.Markdown(elem_id="quiz-summary")
             q_csv = gr.File(label="Your answers (CSV)", elem_id="quiz-csv")
     outputs = [session, q_image, q_progress, q_form, q_summary, q_csv]
-    q_start.click(start, [q_reader, q_n, q_seed], outputs, api_name=False, concurrency_limit=SAMPLER_WAITING,
-                  concurrency_id="sampler")  # fmt: skip
+    q_start.click(
+        start,
+        [q_reader, q_n, q_seed],
+        outputs,
+        api_name=False,
+        concurrency_limit=SAMPLER_WAITING,
+        concurrency_id="sampler",
+    )
     q_submit.click(answer, [session, q_choice, q_conf], outputs, api_name=False).then(
-        lambda: None, None, q_choice, api_name=False)  # fmt: skip
+        lambda: None, None, q_choice, api_name=False
+    )

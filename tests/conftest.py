@@ -47,24 +47,31 @@ def write_images(folder: Path, n: int, size: int = 64, start_seed: int = 0) -> l
     return paths
 
 
-def make_pair(
-    root: Path, latent: int, num_codes: int = 16, prior_codes: int | None = None, coarse: int = 0
-) -> None:
+def make_pair(root: Path, latent: int, num_codes: int = 16, prior_codes: int | None = None, coarse: int = 0) -> None:
     """A tiny untrained VQ-VAE + class-conditional prior pair in root/vqvae-N, root/pixelcnn-N
     (the prior hierarchical on root/vqvae-{coarse}'s codes when coarse is given)."""
     from lesionstudio.pixelcnn import GatedPixelCNN
     from lesionstudio.vqvae import VQVAE
 
     torch.manual_seed(latent)
-    vq = VQVAE(hidden_channels=16, res_channels=8, num_res_blocks=1, downsample=256 // latent, num_codes=num_codes,
-               code_dim=4)  # fmt: skip
+    vq = VQVAE(
+        hidden_channels=16, res_channels=8, num_res_blocks=1, downsample=256 // latent, num_codes=num_codes, code_dim=4
+    )
     vq.save_pretrained(root / f"vqvae-{latent}")
     (root / f"vqvae-{latent}" / "codebook_usage.json").write_text(
         json.dumps({"num_codes": num_codes, "counts": list(range(num_codes))})
     )
-    prior = GatedPixelCNN(num_codes=prior_codes or num_codes, channels=8, num_layers=2, num_classes=2,
-                          grid_size=latent, code_dim=4, class_names=["benign", "malignant"],
-                          cond_num_codes=num_codes if coarse else 0, cond_grid_size=coarse)  # fmt: skip
+    prior = GatedPixelCNN(
+        num_codes=prior_codes or num_codes,
+        channels=8,
+        num_layers=2,
+        num_classes=2,
+        grid_size=latent,
+        code_dim=4,
+        class_names=["benign", "malignant"],
+        cond_num_codes=num_codes if coarse else 0,
+        cond_grid_size=coarse,
+    )
     if coarse:  # random condition weights (they start at zero), so the coarse codes matter
         for layer in prior.layers:
             torch.nn.init.normal_(layer.cond_proj.weight, std=0.5)
@@ -91,8 +98,9 @@ def kill_when_exists(args: list[str], path: Path, timeout: float = 300) -> None:
     import time
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + timeout
     while not path.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -138,14 +146,23 @@ def launch_app(
         root = tmp_path_factory.mktemp("ckpts")
         make_pair(root, 32)
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-           "GRADIO_EXAMPLES_CACHE": str(tmp_path_factory.mktemp("examples_cache")), **(env or {})}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_EXAMPLES_CACHE": str(tmp_path_factory.mktemp("examples_cache")),
+        **(env or {}),
+    }
     source_args = ["--hub", hub] if hub else ["--checkpoints", str(root)]
     log = open(tmp_path_factory.mktemp("log") / "app.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "app.py", *source_args, "--host", "127.0.0.1", "--port", str(port), *extra_args],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
     while time.time() < deadline:

@@ -116,10 +116,14 @@ def _handler(repo: _Repo):
                 self._json({"id": repo.repo_id, "sha": repo.commit, "private": False, "siblings": siblings})
             elif rest.startswith("tree/"):
                 entries = [
-                    {"type": "file", "path": p.relative_to(repo.folder).as_posix(), "size": p.stat().st_size,
-                     "oid": _blob_id(p.read_bytes())}
+                    {
+                        "type": "file",
+                        "path": p.relative_to(repo.folder).as_posix(),
+                        "size": p.stat().st_size,
+                        "oid": _blob_id(p.read_bytes()),
+                    }
                     for p in repo.files()
-                ]  # fmt: skip
+                ]
                 self._json(entries)
             else:
                 self._error(404, "EntryNotFound")
@@ -150,12 +154,14 @@ def _handler(repo: _Repo):
                 self._json({})
             elif path.startswith(api + "preupload/"):
                 files = json.loads(body)["files"]
-                self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                      for f in files]})  # fmt: skip
+                self._json(
+                    {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+                )
             elif path.startswith(api + "commit/"):
                 oid = repo.commit_ndjson(path[len(api + "commit/") :], body)
-                self._json({"commitUrl": f"http://{self.headers['Host']}/{repo.repo_id}/commit/{oid}",
-                            "commitOid": oid})  # fmt: skip
+                self._json(
+                    {"commitUrl": f"http://{self.headers['Host']}/{repo.repo_id}/commit/{oid}", "commitOid": oid}
+                )
             else:
                 self._error(404, "RepoNotFound")
 

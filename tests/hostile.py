@@ -69,8 +69,10 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "truncated.jpg": (_truncated, "could not be read"),
     "random.jpg": (_write(np.random.default_rng(0).bytes(5000)), "could not be read"),
     "text.png": (_write(b"just some text, not a PNG"), "could not be read"),
-    "script.svg.png": (_write(b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>"),
-                       "could not be read"),
+    "script.svg.png": (
+        _write(b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>"),
+        "could not be read",
+    ),
     "page.html.jpg": (_write(b"<html><body><script>alert('x')</script></body></html>"), "could not be read"),
     "bomb.png": (_bomb_png, "limit|too large"),
     "tiny_1x1.png": (_save(Image.new("RGB", (1, 1), (120, 80, 60))), "ok"),
@@ -82,7 +84,7 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "animated.gif": (_animated, "ok"),
     "exif_rotated.jpg": (_exif_rotated, "ok"),
     "grey.png": (_save(BASE.convert("L")), "ok"),
-}  # fmt: skip
+}
 
 
 def make(folder: Path, name: str) -> Path:

@@ -87,8 +87,7 @@ def test_inpaint_endpoint_changes_only_the_painted_region(client: Client, upload
     mask = np.zeros((280, 280, 4), dtype=np.uint8)
     mask[110:170, 110:170] = (255, 0, 255, 255)
     Image.fromarray(mask, "RGBA").save(tmp_path / "mask.png")
-    editor = {"background": handle_file(upload), "layers": [handle_file(str(tmp_path / "mask.png"))],
-              "composite": None}  # fmt: skip
+    editor = {"background": handle_file(upload), "layers": [handle_file(str(tmp_path / "mask.png"))], "composite": None}
     original, variants, info = client.predict(editor, "32", 1.0, 2, 3, api_name="/inpaint")
     assert len(variants) == 2 and info["codes_resampled"] > 0
     base = load(original).astype(int)

@@ -63,8 +63,10 @@ def test_shipped_pair_loads_from_its_folders_and_through_hub(latent: int):
 
 
 def test_shipped_32_pair_through_a_local_hub_server(tmp_path: Path):
-    script = ("import json; from lesionstudio import hub; p = hub.load_stack(32, 'lesionstudio/checkpoints'); "
-              "print(json.dumps([p.vqvae.latent_size, p.prior.grid_size, sum(p.usage)]))")  # fmt: skip
+    script = (
+        "import json; from lesionstudio import hub; p = hub.load_stack(32, 'lesionstudio/checkpoints'); "
+        "print(json.dumps([p.vqvae.latent_size, p.prior.grid_size, sum(p.usage)]))"
+    )
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
     with serve_repo("lesionstudio/checkpoints", CHECKPOINTS) as (endpoint, requests):
         res = run_module(["-c", script], env={**env, "HF_ENDPOINT": endpoint}, timeout=300)
@@ -80,8 +82,19 @@ def test_shipped_32_pair_through_a_local_hub_server(tmp_path: Path):
 @pytest.mark.parametrize(("latent", "min_psnr", "max_bits_ratio"), [(16, 25.0, 0.75), (32, 29.0, 0.8), (64, 32.0, 0.8)])
 def test_shipped_models_on_real_images(latent: int, min_psnr: float, max_bits_ratio: float):
     """A smoke check on the 16 sample images (training images: the model cards hold held-out numbers)."""
-    res = run_module(["-m", "lesionstudio.evaluate", "--vqvae", str(CHECKPOINTS / f"vqvae-{latent}"), "--prior",
-                      str(CHECKPOINTS / f"pixelcnn-{latent}"), "--data", str(SHARED_DATA / "sample"), "--json"])
+    res = run_module(
+        [
+            "-m",
+            "lesionstudio.evaluate",
+            "--vqvae",
+            str(CHECKPOINTS / f"vqvae-{latent}"),
+            "--prior",
+            str(CHECKPOINTS / f"pixelcnn-{latent}"),
+            "--data",
+            str(SHARED_DATA / "sample"),
+            "--json",
+        ]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["psnr"] > min_psnr and out["bits_per_code"] < max_bits_ratio * out["unigram_bits"]

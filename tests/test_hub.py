@@ -105,16 +105,38 @@ def test_hub_repo_through_a_local_hub_server(checkpoints: Path, tmp_path: Path):
 
 def test_evaluate_cli_json(checkpoints: Path, image_folder: Path):
     res = run_module(
-        ["-m", "lesionstudio.evaluate", "--vqvae", str(checkpoints / "vqvae-64"), "--prior",
-         str(checkpoints / "pixelcnn-64"), "--data", str(image_folder / "train"), "--limit", "4", "--json"]
-    )  # fmt: skip
+        [
+            "-m",
+            "lesionstudio.evaluate",
+            "--vqvae",
+            str(checkpoints / "vqvae-64"),
+            "--prior",
+            str(checkpoints / "pixelcnn-64"),
+            "--data",
+            str(image_folder / "train"),
+            "--limit",
+            "4",
+            "--json",
+        ]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(out) == {"psnr", "ssim", "perplexity", "codes_used", "bits_per_code", "unigram_bits"}
     assert out["bits_per_code"] > 0 and 0 < out["codes_used"] <= 16 and out["psnr"] > 0
     res = run_module(
-        ["-m", "lesionstudio.evaluate", "--vqvae", str(checkpoints / "vqvae-64"), "--data",
-         str(image_folder / "train"), "--split", "val", "--val-fraction", "0.25", "--json"]
-    )  # fmt: skip
+        [
+            "-m",
+            "lesionstudio.evaluate",
+            "--vqvae",
+            str(checkpoints / "vqvae-64"),
+            "--data",
+            str(image_folder / "train"),
+            "--split",
+            "val",
+            "--val-fraction",
+            "0.25",
+            "--json",
+        ]
+    )
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["bits_per_code"] is None and "images:        4" in res.stdout

@@ -39,9 +39,24 @@ def test_cli_flags_copies_and_not_new_images(tmp_path: Path):
     write_images(tmp_path / "heldout", 16, start_seed=1000)
     planted = plant(train, tmp_path / "gen", [lesion_image(64, seed=500 + i) for i in range(8)])
     out = tmp_path / "report"
-    r = run_module(["-m", "lesionstudio.memorization", "--generated", str(tmp_path / "gen"), "--train",
-                    str(tmp_path / "train"), "--heldout", str(tmp_path / "heldout"), "--feature-model",
-                    str(tmp_path / "ck" / "vqvae-32"), "--out", str(out), "--cache", str(tmp_path / "f.npz")])
+    r = run_module(
+        [
+            "-m",
+            "lesionstudio.memorization",
+            "--generated",
+            str(tmp_path / "gen"),
+            "--train",
+            str(tmp_path / "train"),
+            "--heldout",
+            str(tmp_path / "heldout"),
+            "--feature-model",
+            str(tmp_path / "ck" / "vqvae-32"),
+            "--out",
+            str(out),
+            "--cache",
+            str(tmp_path / "f.npz"),
+        ]
+    )
     assert r.returncode == 0, r.stderr
     with open(out / "memorization.csv", newline="") as f:
         rows = {Path(row["generated"]).name: row for row in csv.DictReader(f)}
@@ -67,16 +82,32 @@ def test_default_heldout_is_the_trainers_split_and_report_is_not_a_sample(tmp_pa
     make_pair(tmp_path / "ck", 32)
     write_images(tmp_path / "train", 30)
     write_images(tmp_path / "gen", 3, start_seed=700)
-    args = ["-m", "lesionstudio.memorization", "--generated", str(tmp_path / "gen"), "--train",
-            str(tmp_path / "train"), "--feature-model", str(tmp_path / "ck" / "vqvae-32")]
+    args = [
+        "-m",
+        "lesionstudio.memorization",
+        "--generated",
+        str(tmp_path / "gen"),
+        "--train",
+        str(tmp_path / "train"),
+        "--feature-model",
+        str(tmp_path / "ck" / "vqvae-32"),
+    ]
     for _ in range(2):  # the second run must not read the first run's PNGs (inside gen/) as samples
         r = run_module(args, env={"LESIONSTUDIO_CACHE": str(tmp_path / "cache")})
         assert r.returncode == 0, r.stderr
         summary = json.loads((tmp_path / "gen" / "memorization" / "summary.json").read_text())
         assert (summary["generated"], summary["train"], summary["heldout"]) == (3, 27, 3)
     assert len(list((tmp_path / "cache").glob("features-*.npz"))) == 1  # training features reused
-    bad = run_module(["-m", "lesionstudio.memorization", "--generated", str(tmp_path / "nothing"), "--train",
-                      str(tmp_path / "train")])  # fmt: skip
+    bad = run_module(
+        [
+            "-m",
+            "lesionstudio.memorization",
+            "--generated",
+            str(tmp_path / "nothing"),
+            "--train",
+            str(tmp_path / "train"),
+        ]
+    )
     assert bad.returncode != 0 and "does not exist" in bad.stderr
 
 
@@ -85,8 +116,18 @@ def test_default_feature_model_is_not_the_one_that_made_the_samples(tmp_path: Pa
         make_pair(tmp_path / "ck", latent)
     write_images(tmp_path / "train", 12)
     write_images(tmp_path / "gen", 2, start_seed=300)
-    args = ["-m", "lesionstudio.memorization", "--generated", str(tmp_path / "gen"), "--train",
-            str(tmp_path / "train"), "--checkpoints", str(tmp_path / "ck"), "--holdout-fraction", "0.25"]
+    args = [
+        "-m",
+        "lesionstudio.memorization",
+        "--generated",
+        str(tmp_path / "gen"),
+        "--train",
+        str(tmp_path / "train"),
+        "--checkpoints",
+        str(tmp_path / "ck"),
+        "--holdout-fraction",
+        "0.25",
+    ]
     env = {"LESIONSTUDIO_CACHE": str(tmp_path / "cache")}
     r = run_module(args, env=env)
     assert r.returncode == 0, r.stderr
@@ -134,9 +175,11 @@ def test_real_isic_copies_are_flagged_with_the_shipped_encoder(tmp_path: Path):
     # Real lesions the "model" never saw stand in for good samples.
     planted = plant(train, gen_dir, [Image.open(f).convert("RGB") for f in new])
     gen_files = sorted(gen_dir.iterdir())
-    report = check(compute(gen_files, extractor, all_orientations=True),
-                   cached(train, extractor, tmp_path / "t.npz"),
-                   compute(heldout, extractor, all_orientations=True))  # fmt: skip
+    report = check(
+        compute(gen_files, extractor, all_orientations=True),
+        cached(train, extractor, tmp_path / "t.npz"),
+        compute(heldout, extractor, all_orientations=True),
+    )
     rows = {Path(r["generated"]).name: r for r in report.rows}
     for name in planted:
         assert rows[name]["flagged"] == 1 and rows[name]["feature_ratio"] < 0.2, rows[name]

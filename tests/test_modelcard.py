@@ -25,8 +25,22 @@ def test_card_of_a_run_continued_by_a_fine_tune(tmp_path: Path):
     second = _run(tmp_path / "b", [{"epoch": 1, "epoch_seconds": 3600.0, "val_ssim": 0.81}])
     ev = tmp_path / "eval.txt"
     ev.write_text('images: 3\n{"psnr": 33.5, "ssim": 0.8123, "bits_per_code": null}\n')
-    main(["--model", str(model), "--run", str(first), "--run", str(second), "--eval", str(ev),
-          "--command", "python -m train.vqvae ...", "--extra", "- a note"])  # fmt: skip
+    main(
+        [
+            "--model",
+            str(model),
+            "--run",
+            str(first),
+            "--run",
+            str(second),
+            "--eval",
+            str(ev),
+            "--command",
+            "python -m train.vqvae ...",
+            "--extra",
+            "- a note",
+        ]
+    )
     text = (model / "README.md").read_text()
     assert text.startswith("---\nlibrary_name: lesionstudio\n")
     data = ModelCard.load(model / "README.md").data
@@ -54,8 +68,22 @@ def test_runs_that_logged_different_fields_share_one_table(tmp_path: Path):
     new = _run(tmp_path / "b", [{"epoch": 1, "epoch_seconds": 60.0, "val_ssim": 0.9}])
     ev = tmp_path / "eval.json"
     ev.write_text('{"psnr": 35.0}')
-    main(["--model", str(model), "--run", str(old), "--run", str(new), "--eval", str(ev), "--command", "x",
-          "--wall-hours", "1.5"])  # fmt: skip
+    main(
+        [
+            "--model",
+            str(model),
+            "--run",
+            str(old),
+            "--run",
+            str(new),
+            "--eval",
+            str(ev),
+            "--command",
+            "x",
+            "--wall-hours",
+            "1.5",
+        ]
+    )
     text = (model / "README.md").read_text()
     assert "Epochs: 2. Training wall time on the CPU: 1.50 h." in text
     assert "| run | epoch | val_ssim | val_images | epoch_seconds |" in text
@@ -111,8 +139,14 @@ def test_critic_card_and_its_refresh(tmp_path: Path):
     from train.critic import model_card
 
     config = {"channels": 32, "crops_per_side": 3, "view_size": 64}
-    metrics = {"real_images": 2000, "generated_images": 424, "seconds": 354.0, "heldout_layout_accuracy": 0.8511,
-               "heldout_texture_accuracy": 0.5315, "heldout_realism_accuracy": 0.8486}  # fmt: skip
+    metrics = {
+        "real_images": 2000,
+        "generated_images": 424,
+        "seconds": 354.0,
+        "heldout_layout_accuracy": 0.8511,
+        "heldout_texture_accuracy": 0.5315,
+        "heldout_realism_accuracy": 0.8486,
+    }
     text = model_card(metrics, config, "python -m train.critic ...")
     assert "| realism (mean logit) | 0.8486 |" in text and LICENSE_NOTE in text
     card = ModelCard(text)

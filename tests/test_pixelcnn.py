@@ -12,8 +12,9 @@ from lesionstudio.sampling import inpaint, sample
 def random_prior(num_classes: int = 0, kernel: int = 5, layers: int = 4, seed: int = 0) -> GatedPixelCNN:
     """A small prior with large random weights (sharp, varied distributions), in float64."""
     torch.manual_seed(seed)
-    prior = GatedPixelCNN(num_codes=16, channels=16, num_layers=layers, kernel_size=kernel, num_classes=num_classes,
-                          grid_size=8)  # fmt: skip
+    prior = GatedPixelCNN(
+        num_codes=16, channels=16, num_layers=layers, kernel_size=kernel, num_classes=num_classes, grid_size=8
+    )
     for p in prior.parameters():
         p.data.normal_(0, 0.3)
     return prior.double().eval()
@@ -169,8 +170,15 @@ def test_nll_bits_marginalises_classes():
 
 
 def test_save_and_reload_identical(tmp_path: Path):
-    prior = GatedPixelCNN(num_codes=16, channels=8, num_layers=2, num_classes=2, grid_size=8,
-                          class_names=["benign", "malignant"], class_counts=[3, 1])  # fmt: skip
+    prior = GatedPixelCNN(
+        num_codes=16,
+        channels=8,
+        num_layers=2,
+        num_classes=2,
+        grid_size=8,
+        class_names=["benign", "malignant"],
+        class_counts=[3, 1],
+    )
     prior.save_pretrained(tmp_path / "p")
     again = GatedPixelCNN.from_pretrained(tmp_path / "p")
     assert again.class_names == ["benign", "malignant"] and again.class_counts == [3, 1]

@@ -26,15 +26,25 @@ def checkpoints(tmp_path: Path) -> Path:
 
 
 def _env(endpoint: str, tmp_path: Path) -> dict:
-    return {"HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_test", "HF_HOME": str(tmp_path / "hf"),
-            "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    return {
+        "HF_ENDPOINT": endpoint,
+        "HF_TOKEN": "hf_test",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
 
 
 def test_every_model_folder_goes_into_its_subfolder(checkpoints: Path):
     assert [f.name for f in model_folders(checkpoints)] == ["pixelcnn-32", "pixelcnn-64", "vqvae-32", "vqvae-64"]
     paths = [op.path_in_repo for op in folder_operations(checkpoints / "vqvae-64")]
-    assert paths == ["vqvae-64/config.json", "vqvae-64/model.safetensors", "vqvae-64/codebook_usage.json",
-                     "vqvae-64/README.md", "vqvae-64/samples.png"]  # fmt: skip
+    assert paths == [
+        "vqvae-64/config.json",
+        "vqvae-64/model.safetensors",
+        "vqvae-64/codebook_usage.json",
+        "vqvae-64/README.md",
+        "vqvae-64/samples.png",
+    ]
     assert [op.path_in_repo for op in folder_operations(checkpoints / "vqvae-64", "vqvae-64-v2")][0].startswith(
         "vqvae-64-v2/"
     )
@@ -52,8 +62,10 @@ def test_publish_then_serve_the_app_from_the_hub(checkpoints: Path, tmp_path: Pa
     hub_folder.mkdir()
     with serve_hub(REPO, hub_folder) as (endpoint, repo):
         env = _env(endpoint, tmp_path)
-        res = run_module(["-m", "lesionstudio.publish", "--repo", REPO, "--checkpoints", str(checkpoints),
-                          "--revision", "v1"], env=env)  # fmt: skip
+        res = run_module(
+            ["-m", "lesionstudio.publish", "--repo", REPO, "--checkpoints", str(checkpoints), "--revision", "v1"],
+            env=env,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         assert "uploaded pixelcnn-32, pixelcnn-64, vqvae-32, vqvae-64" in res.stdout
         assert len(repo.commits) == 1 and repo.commits[0]["revision"] == "v1"  # one commit
@@ -79,6 +91,8 @@ def test_publish_then_serve_the_app_from_the_hub(checkpoints: Path, tmp_path: Pa
 
     # a Hub error is a message and an exit code, not a traceback
     with serve_hub("other/repo", hub_folder) as (endpoint, _):
-        res = run_module(["-m", "lesionstudio.publish", "--repo", REPO, "--checkpoints", str(checkpoints)],
-                         env=_env(endpoint, tmp_path))  # fmt: skip
+        res = run_module(
+            ["-m", "lesionstudio.publish", "--repo", REPO, "--checkpoints", str(checkpoints)],
+            env=_env(endpoint, tmp_path),
+        )
         assert res.returncode != 0 and res.stderr.startswith("error:") and "Traceback" not in res.stderr

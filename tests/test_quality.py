@@ -31,15 +31,38 @@ def test_cli_reports_offline_distances(tmp_path: Path):
     gen.mkdir()
     for i in range(6):  # "generated": flat grey squares, far from the lesions
         lesion_image(64, seed=i).convert("L").convert("RGB").point(lambda v: 128).save(gen / f"g{i}.png")
-    r = run_module(["-m", "lesionstudio.quality", "--real", str(tmp_path / "real"), "--generated", str(gen),
-                    "--feature-model", str(tmp_path / "ck" / "vqvae-32"), "--json"])
+    r = run_module(
+        [
+            "-m",
+            "lesionstudio.quality",
+            "--real",
+            str(tmp_path / "real"),
+            "--generated",
+            str(gen),
+            "--feature-model",
+            str(tmp_path / "ck" / "vqvae-32"),
+            "--json",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["real_images"] == 12 and out["generated_images"] == 6
     assert out["fd_vq_real_half_vs_generated"] > out["fd_vq_real_split"]
     assert out["inception_fid"] is None and "not Inception FID" in r.stdout
-    bad = run_module(["-m", "lesionstudio.quality", "--real", str(gen), "--generated", str(gen), "--limit", "2",
-                      "--feature-model", str(tmp_path / "ck" / "vqvae-32")])  # fmt: skip
+    bad = run_module(
+        [
+            "-m",
+            "lesionstudio.quality",
+            "--real",
+            str(gen),
+            "--generated",
+            str(gen),
+            "--limit",
+            "2",
+            "--feature-model",
+            str(tmp_path / "ck" / "vqvae-32"),
+        ]
+    )
     assert bad.returncode != 0 and "at least 4 real" in bad.stderr
 
 

@@ -169,11 +169,25 @@ def test_csv_round_trips():
     answers = answers_for('Dr. "Q", dermatology')
     rows = list(csv.DictReader(io.StringIO(answers_csv(answers))))
     assert rows == [
-        {"reader": 'Dr. "Q", dermatology', "trial": "0", "truth": "real", "answer": "synthetic",
-         "confidence": "2", "correct": "0", "timestamp": "2024-05-01T10:00:00+00:00"},
-        {"reader": 'Dr. "Q", dermatology', "trial": "1", "truth": "synthetic", "answer": "synthetic",
-         "confidence": "5", "correct": "1", "timestamp": "2024-05-01T10:00:07+00:00"},
-    ]  # fmt: skip
+        {
+            "reader": 'Dr. "Q", dermatology',
+            "trial": "0",
+            "truth": "real",
+            "answer": "synthetic",
+            "confidence": "2",
+            "correct": "0",
+            "timestamp": "2024-05-01T10:00:00+00:00",
+        },
+        {
+            "reader": 'Dr. "Q", dermatology',
+            "trial": "1",
+            "truth": "synthetic",
+            "answer": "synthetic",
+            "confidence": "5",
+            "correct": "1",
+            "timestamp": "2024-05-01T10:00:07+00:00",
+        },
+    ]
 
 
 def read_log(path: Path) -> list[dict[str, str]]:
@@ -193,8 +207,11 @@ def test_append_log_appends_across_calls(tmp_path: Path):
     assert log.read_text().count("reader,trial") == 1
     rows = read_log(log)
     assert [(r["reader"], r["trial"], r["correct"]) for r in rows] == [
-        ("a", "0", "0"), ("a", "1", "1"), ("b", "0", "0"), ("b", "1", "1")
-    ]  # fmt: skip
+        ("a", "0", "0"),
+        ("a", "1", "1"),
+        ("b", "0", "0"),
+        ("b", "1", "1"),
+    ]
     assert list(rows[0]) == list(CSV_COLUMNS)
 
 

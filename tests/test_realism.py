@@ -19,8 +19,9 @@ QUICK = FitSettings(epochs=8, batch_size=16, lr=3e-3, seed=0)
 
 
 def lesions(n: int, start: int, size: int = 96) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.asarray(lesion_image(size, seed=start + i))).permute(2, 0, 1)
-                        for i in range(n)])  # fmt: skip
+    return torch.stack(
+        [torch.from_numpy(np.asarray(lesion_image(size, seed=start + i))).permute(2, 0, 1) for i in range(n)]
+    )
 
 
 def test_two_sample_test_is_near_chance_for_one_distribution_and_high_for_another():
@@ -28,7 +29,7 @@ def test_two_sample_test_is_near_chance_for_one_distribution_and_high_for_anothe
     same = two_sample_test(real, other, QUICK, channels=8)
     assert same.train_per_set == 24 and same.test_per_set == 24
     assert same.layout_accuracy <= 0.75 and same.texture_accuracy <= 0.75
-    noisy = (other.float() + 60 * torch.randn(other.shape, generator=torch.Generator().manual_seed(0)))
+    noisy = other.float() + 60 * torch.randn(other.shape, generator=torch.Generator().manual_seed(0))
     apart = two_sample_test(real, noisy.clamp(0, 255).to(torch.uint8), QUICK, channels=8)
     assert apart.texture_accuracy >= 0.9 and apart.layout_accuracy >= 0.6
     again = two_sample_test(real, other, QUICK, channels=8)
@@ -92,8 +93,7 @@ def test_synthesize_ranks_candidates_and_records_scores(stack_with_critic: Path,
     from lesionstudio.synthesize import synthesize
 
     stack = hub.load_stack(32, stack_with_critic)
-    rows = synthesize(tmp_path / "s", 2, stack, batch_size=2, show_progress=False, candidates=3,
-                      detail_temperature=0.8)  # fmt: skip
+    rows = synthesize(tmp_path / "s", 2, stack, batch_size=2, show_progress=False, candidates=3, detail_temperature=0.8)
     assert all(r["realism_score"] and r["candidates"] == "3" and r["detail_temperature"] == "0.8" for r in rows)
     assert "best of 3 candidates" in (tmp_path / "s" / "README.md").read_text()
     with pytest.raises(ValueError, match="candidates"):
@@ -106,8 +106,9 @@ def test_studio_generates_with_candidates_and_detail_temperature(stack_with_crit
     studio = Studio(stack_with_critic)
     assert studio.has_critic
     a = studio.generate(32, n=2, seed=4, candidates=2, detail_temperature=0.5)
-    assert [im.tobytes() for im in a] == [im.tobytes() for im in studio.generate(32, n=2, seed=4, candidates=2,
-                                                                                  detail_temperature=0.5)]  # fmt: skip
+    assert [im.tobytes() for im in a] == [
+        im.tobytes() for im in studio.generate(32, n=2, seed=4, candidates=2, detail_temperature=0.5)
+    ]
     with pytest.raises(StudioError, match="Candidates"):
         studio.generate(32, n=1, candidates=99)
 
@@ -115,14 +116,38 @@ def test_studio_generates_with_candidates_and_detail_temperature(stack_with_crit
 def test_quality_c2st_and_calibration_commands(tmp_path: Path, stack_with_critic: Path):
     write_images(tmp_path / "real", 12, size=96)
     write_images(tmp_path / "fake", 12, size=96, start_seed=500)
-    res = run_module(["-m", "lesionstudio.quality", "--real", str(tmp_path / "real"), "--generated",
-                      str(tmp_path / "fake"), "--c2st-only", "--c2st-epochs", "1", "--json"])  # fmt: skip
+    res = run_module(
+        [
+            "-m",
+            "lesionstudio.quality",
+            "--real",
+            str(tmp_path / "real"),
+            "--generated",
+            str(tmp_path / "fake"),
+            "--c2st-only",
+            "--c2st-epochs",
+            "1",
+            "--json",
+        ]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])["c2st"]
     assert 0 <= out["layout_accuracy"] <= 1 and out["test_per_set"] == 6
     vq = str(stack_with_critic / "vqvae-32")
-    res = run_module(["-m", "lesionstudio.quality", "--real", str(tmp_path / "real"), "--c2st-calibrate",
-                      "--c2st-epochs", "1", "--reconstruct-with", vq, "--json"])  # fmt: skip
+    res = run_module(
+        [
+            "-m",
+            "lesionstudio.quality",
+            "--real",
+            str(tmp_path / "real"),
+            "--c2st-calibrate",
+            "--c2st-epochs",
+            "1",
+            "--reconstruct-with",
+            vq,
+            "--json",
+        ]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(rows) == {"real vs real", "real vs blurred real (sigma 1 px)", "real vs 32x32 VQ-VAE reconstructions"}
@@ -134,8 +159,24 @@ def test_train_critic_command(tmp_path: Path):
     write_images(tmp_path / "real", 20, size=96)
     write_images(tmp_path / "fake", 10, size=96, start_seed=300)
     out = tmp_path / "critic"
-    res = run_module(["-m", "train.critic", "--real", str(tmp_path / "real"), "--generated", str(tmp_path / "fake"),
-                      "--out", str(out), "--epochs", "1", "--channels", "4", "--batch-size", "8"])  # fmt: skip
+    res = run_module(
+        [
+            "-m",
+            "train.critic",
+            "--real",
+            str(tmp_path / "real"),
+            "--generated",
+            str(tmp_path / "fake"),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--channels",
+            "4",
+            "--batch-size",
+            "8",
+        ]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     # The real side is the training split only: 18 of the 20 images.

@@ -23,10 +23,35 @@ from lesionstudio.vqvae import VQVAE
 from train import common
 
 TINY = [
-    "--image-size", "64", "--latent", "32", "--crop", "0", "--batch-size", "4", "--workers", "0",
-    "--hidden", "16", "--res-channels", "8", "--res-blocks", "1", "--num-codes", "32", "--code-dim", "8",
-    "--lr", "3e-3", "--warmup-steps", "1", "--val-fraction", "0.25", "--seed", "5",
-]  # fmt: skip
+    "--image-size",
+    "64",
+    "--latent",
+    "32",
+    "--crop",
+    "0",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--hidden",
+    "16",
+    "--res-channels",
+    "8",
+    "--res-blocks",
+    "1",
+    "--num-codes",
+    "32",
+    "--code-dim",
+    "8",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "1",
+    "--val-fraction",
+    "0.25",
+    "--seed",
+    "5",
+]
 
 
 class Payload:
@@ -58,17 +83,33 @@ def test_tampered_training_checkpoint_is_refused(image_folder: Path, tmp_path: P
     out = tmp_path / "run"
     out.mkdir()
     torch.save({"model": Payload(marker), "epoch": 1}, out / "checkpoint.pt")
-    res = run_module(["-m", "train.vqvae", "--data", str(image_folder / "train"), "--out", str(out),
-                      "--epochs", "2", "--resume", *TINY])  # fmt: skip
+    res = run_module(
+        [
+            "-m",
+            "train.vqvae",
+            "--data",
+            str(image_folder / "train"),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--resume",
+            *TINY,
+        ]
+    )
     assert res.returncode != 0 and "cannot be loaded" in res.stderr
     assert not marker.exists()
 
 
 @pytest.mark.parametrize(
     "change,message",
-    [({"num_codes": "512"}, "num_codes must be an integer"), ({"beta": -1}, "beta"),
-     ({"image_size": 102}, "multiple of downsample"), ({"bogus": 1}, "unknown config keys")],
-)  # fmt: skip
+    [
+        ({"num_codes": "512"}, "num_codes must be an integer"),
+        ({"beta": -1}, "beta"),
+        ({"image_size": 102}, "multiple of downsample"),
+        ({"bogus": 1}, "unknown config keys"),
+    ],
+)
 def test_impossible_configs_are_clear_errors(tmp_path: Path, change: dict, message: str):
     make_pair(tmp_path, 64)
     cfg_path = tmp_path / "vqvae-64" / "config.json"
@@ -112,8 +153,9 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
 
 def _start(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def _check_every_checkpoint_loads(out: Path) -> None:

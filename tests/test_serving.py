@@ -93,13 +93,15 @@ def test_other_settings_wait_for_their_own_batch_and_plain_jobs_keep_their_turn(
     any_class = studio.generation_settings(32, 1.0, "any")
     benign = studio.generation_settings(32, 1.0, "benign")
     release, blocker = hold(worker)
-    threads, results = in_threads([
-        lambda: worker.generate(any_class, [1]),
-        lambda: worker.generate(benign, [2]),
-        lambda: worker.generate(any_class, [3]),  # joins the first: same settings, nothing plain between
-        lambda: worker.call(lambda p: order.append("plain")),
-        lambda: worker.generate(any_class, [4]),  # may not overtake the plain job
-    ])  # fmt: skip
+    threads, results = in_threads(
+        [
+            lambda: worker.generate(any_class, [1]),
+            lambda: worker.generate(benign, [2]),
+            lambda: worker.generate(any_class, [3]),  # joins the first: same settings, nothing plain between
+            lambda: worker.call(lambda p: order.append("plain")),
+            lambda: worker.generate(any_class, [4]),  # may not overtake the plain job
+        ]
+    )
     release.set()
     for t in [blocker, *threads]:
         t.join(60)
@@ -134,8 +136,9 @@ def test_progress_reports_the_wait_then_the_drawing(studio: Studio):
     worker = SamplerWorker(studio)
     seen: list[str] = []
     release, blocker = hold(worker)
-    threads, _ = in_threads([lambda: worker.generate(studio.generation_settings(32, 1.0, "any"), [1],
-                                                     lambda f, desc: seen.append(desc))])  # fmt: skip
+    threads, _ = in_threads(
+        [lambda: worker.generate(studio.generation_settings(32, 1.0, "any"), [1], lambda f, desc: seen.append(desc))]
+    )
     time.sleep(0.6)
     release.set()
     for t in [blocker, *threads]:
@@ -223,16 +226,21 @@ def test_through_the_app_sampler_work_never_overlaps_and_no_request_changes_the_
         mask = np.zeros((280, 280, 4), dtype=np.uint8)
         mask[110:170, 110:170] = (255, 0, 255, 255)
         Image.fromarray(mask, "RGBA").save(tmp_path / "mask.png")
-        editor = {"background": handle_file(str(upload)), "layers": [handle_file(str(tmp_path / "mask.png"))],
-                  "composite": None}  # fmt: skip
+        editor = {
+            "background": handle_file(str(upload)),
+            "layers": [handle_file(str(tmp_path / "mask.png"))],
+            "composite": None,
+        }
         url = f"http://127.0.0.1:{port}/"
         calls = [("generate", ("32", 1.0, 2, seed, "any")) for seed in (1, 2, 3)]
         calls += [("inpaint", (editor, "32", 1.0, 2, seed)) for seed in (4, 5)]
         calls += [("reconstruct", (handle_file(str(upload)), "32"))] * 4
-        threads, results = in_threads([
-            lambda name=name, args=args: Client(url, verbose=False).predict(*args, api_name=f"/{name}")
-            for name, args in calls
-        ])  # fmt: skip
+        threads, results = in_threads(
+            [
+                lambda name=name, args=args: Client(url, verbose=False).predict(*args, api_name=f"/{name}")
+                for name, args in calls
+            ]
+        )
         for t in threads:
             t.join(300)
         assert not [r for r in results if isinstance(r, Exception)]

@@ -23,8 +23,16 @@ from lesionstudio.studio import Studio
 def random_hier_prior(num_classes: int = 0, seed: int = 0) -> GatedPixelCNN:
     """A small 8x8 prior on a 4x4 coarse grid, large random weights, float64."""
     torch.manual_seed(seed)
-    prior = GatedPixelCNN(num_codes=16, channels=16, num_layers=3, kernel_size=3, num_classes=num_classes,
-                          grid_size=8, cond_num_codes=8, cond_grid_size=4)  # fmt: skip
+    prior = GatedPixelCNN(
+        num_codes=16,
+        channels=16,
+        num_layers=3,
+        kernel_size=3,
+        num_classes=num_classes,
+        grid_size=8,
+        cond_num_codes=8,
+        cond_grid_size=4,
+    )
     for p in prior.parameters():
         p.data.normal_(0, 0.3)
     return prior.double().eval()
@@ -79,8 +87,9 @@ def test_new_condition_starts_at_zero():
     """A plain prior's weights in a hierarchical one give the same logits (warm starts)."""
     torch.manual_seed(0)
     plain = GatedPixelCNN(num_codes=16, channels=8, num_layers=2, grid_size=8, num_classes=2)
-    hier = GatedPixelCNN(num_codes=16, channels=8, num_layers=2, grid_size=8, num_classes=2, cond_num_codes=8,
-                         cond_grid_size=4)  # fmt: skip
+    hier = GatedPixelCNN(
+        num_codes=16, channels=8, num_layers=2, grid_size=8, num_classes=2, cond_num_codes=8, cond_grid_size=4
+    )
     missing, unexpected = hier.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all("cond" in k or k.startswith("condition.") for k in missing)
     codes, labels = torch.randint(0, 16, (2, 8, 8)), torch.tensor([0, 1])
@@ -197,9 +206,19 @@ def test_studio_generates_and_inpaints_with_a_hierarchical_pair(checkpoints: Pat
 
 
 def test_evaluate_scores_a_hierarchical_prior_with_its_coarse_pair(checkpoints: Path, image_folder: Path):
-    args = ["-m", "lesionstudio.evaluate", "--vqvae", str(checkpoints / "vqvae-64"), "--prior",
-            str(checkpoints / "pixelcnn-64"), "--data", str(image_folder / "train"), "--limit", "3",
-            "--json"]  # fmt: skip
+    args = [
+        "-m",
+        "lesionstudio.evaluate",
+        "--vqvae",
+        str(checkpoints / "vqvae-64"),
+        "--prior",
+        str(checkpoints / "pixelcnn-64"),
+        "--data",
+        str(image_folder / "train"),
+        "--limit",
+        "3",
+        "--json",
+    ]
     res = run_module(args)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -214,8 +233,10 @@ def test_evaluate_scores_a_hierarchical_prior_with_its_coarse_pair(checkpoints: 
 
 def test_hierarchical_pair_through_a_local_hub_server(checkpoints: Path, tmp_path: Path):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    script = ("import json; from lesionstudio import hub; p = hub.load_stack(64, 'lesion/checkpoints'); "
-              "print(json.dumps([p.coarse.latent, p.coarse.prior.grid_size, p.prior.cond_grid_size]))")  # fmt: skip
+    script = (
+        "import json; from lesionstudio import hub; p = hub.load_stack(64, 'lesion/checkpoints'); "
+        "print(json.dumps([p.coarse.latent, p.coarse.prior.grid_size, p.prior.cond_grid_size]))"
+    )
     with serve_repo("lesion/checkpoints", checkpoints) as (endpoint, requests):
         res = run_module(["-c", script], env={**env, "HF_ENDPOINT": endpoint}, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -264,8 +285,9 @@ def test_three_level_sampling_is_each_level_given_the_one_below(three_levels: Pa
     drawn = sample_stack(stack, 2, seed=[5, 6], temperature=(1.0, 0.7))
     assert [g.shape[-1] for g in drawn.levels] == [16, 32, 64]
     top = sample(stack.levels[0].prior, 2, seed=[5, 6])
-    middle = sample(stack.levels[1].prior, 2, seed=level_seed([5, 6], 1), labels=drawn.labels, coarse=top,
-                    temperature=0.7)  # fmt: skip
+    middle = sample(
+        stack.levels[1].prior, 2, seed=level_seed([5, 6], 1), labels=drawn.labels, coarse=top, temperature=0.7
+    )
     fine = sample(stack.prior, 2, seed=level_seed([5, 6], 2), labels=drawn.labels, coarse=middle, temperature=0.7)
     assert torch.equal(drawn.levels[0], top) and torch.equal(drawn.levels[1], middle)
     assert torch.equal(drawn.codes, fine)
@@ -281,8 +303,16 @@ def tiny_stack() -> ModelStack:
     stack = None
     for i, grid in enumerate((4, 8, 16)):
         torch.manual_seed(grid)
-        prior = GatedPixelCNN(num_codes=8, channels=8, num_layers=2, kernel_size=3, num_classes=2, grid_size=grid,
-                              cond_num_codes=8 if i else 0, cond_grid_size=grid // 2 if i else 0)  # fmt: skip
+        prior = GatedPixelCNN(
+            num_codes=8,
+            channels=8,
+            num_layers=2,
+            kernel_size=3,
+            num_classes=2,
+            grid_size=grid,
+            cond_num_codes=8 if i else 0,
+            cond_grid_size=grid // 2 if i else 0,
+        )
         for p in prior.parameters():
             p.data.normal_(0, 0.4)
         stack = ModelStack(grid, None, prior.double().eval(), "", Path(), None, coarse=stack)

@@ -74,7 +74,7 @@ def test_nearest_training_image_of_samples(tmp_path: Path, monkeypatch):
     assert len(found) == 2 and all(img.size == (256, 256) for img, _ in found)
     assert found[0][1].startswith("sample 1: distance ratio ") and ", lesion_" in found[0][1]
     copy = Image.open(files[5]).transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # a mirrored training image
-    (_, caption), = studio.nearest_training([copy])
+    ((_, caption),) = studio.nearest_training([copy])
     assert caption == f"sample 1: distance ratio 0.00 (possible copy), {files[5].name}"
     assert Studio(tmp_path / "ck").nearest_training(samples) == []  # no data folder: nothing to show
 
@@ -120,8 +120,12 @@ def test_bad_uploads_get_clear_messages(studio: Studio, tmp_path: Path, upload: 
     (tmp_path / "truncated.jpg").write_bytes(good[:200])
     big = Image.new("L", (8000, 6000))  # 48 MP of one colour compresses to a few KB
     big.save(tmp_path / "huge.png")
-    cases = {"empty.jpg": "empty", "text.png": "could not be read", "truncated.jpg": "could not be read",
-             "huge.png": "limit"}  # fmt: skip
+    cases = {
+        "empty.jpg": "empty",
+        "text.png": "could not be read",
+        "truncated.jpg": "could not be read",
+        "huge.png": "limit",
+    }
     for name, message in cases.items():
         with pytest.raises(StudioError, match=message):
             studio.reconstruct(str(tmp_path / name), 32)

@@ -35,8 +35,26 @@ def pixels(path: Path) -> np.ndarray:
 
 def test_cli_writes_n_images_with_matching_metadata(ckpts: Path, tmp_path: Path):
     out = tmp_path / "synth"
-    r = run_module(["-m", "lesionstudio.synthesize", "--n", "5", "--out", str(out), "--latent", "32",
-                    "--batch-size", "2", "--checkpoints", str(ckpts), "--temperature", "0.8", "--seed", "3"])
+    r = run_module(
+        [
+            "-m",
+            "lesionstudio.synthesize",
+            "--n",
+            "5",
+            "--out",
+            str(out),
+            "--latent",
+            "32",
+            "--batch-size",
+            "2",
+            "--checkpoints",
+            str(ckpts),
+            "--temperature",
+            "0.8",
+            "--seed",
+            "3",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     pngs = sorted(out.glob("*.png"))
     rows = rows_of(out)
@@ -90,8 +108,7 @@ def test_classes_are_honoured(ckpts: Path, tmp_path: Path):
     # The class reaches the prior: the same seeds under the other class give other codes.
     rows_b = synthesize(tmp_path / "b", 3, pair, class_name="benign", seed=1, show_progress=False)
     assert [r["class"] for r in rows_b] == ["benign"] * 3
-    assert any(not np.array_equal(pixels(tmp_path / "m" / r["file"]), pixels(tmp_path / "b" / r["file"]))
-               for r in rows)  # fmt: skip
+    assert any(not np.array_equal(pixels(tmp_path / "m" / r["file"]), pixels(tmp_path / "b" / r["file"])) for r in rows)
     mixed = synthesize(tmp_path / "any", 12, pair, class_name="any", seed=1, batch_size=6, show_progress=False)
     assert {r["class"] for r in mixed} == {"benign", "malignant"}
     with pytest.raises(ValueError, match="unknown class 'nevus'"):
@@ -107,8 +124,22 @@ def test_other_settings_are_refused_not_mixed(ckpts: Path, tmp_path: Path):
     with pytest.raises(ValueError, match="seed"):
         synthesize(tmp_path, 3, pair, seed=2, show_progress=False)
     assert (tmp_path / "metadata.csv").read_bytes() == before and len(list(tmp_path.glob("*.png"))) == 2
-    r = run_module(["-m", "lesionstudio.synthesize", "--n", "2", "--out", str(tmp_path), "--latent", "32",
-                    "--checkpoints", str(ckpts), "--temperature", "0"])
+    r = run_module(
+        [
+            "-m",
+            "lesionstudio.synthesize",
+            "--n",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--latent",
+            "32",
+            "--checkpoints",
+            str(ckpts),
+            "--temperature",
+            "0",
+        ]
+    )
     assert r.returncode != 0 and "temperature must be positive" in r.stderr
 
 

@@ -19,17 +19,52 @@ from lesionstudio.vqvae import VQVAE
 @pytest.fixture
 def tiny_vqvae(tmp_path: Path) -> Path:
     torch.manual_seed(0)
-    vq = VQVAE(hidden_channels=16, res_channels=8, num_res_blocks=1, downsample=4, num_codes=32, code_dim=8,
-               image_size=64, init_from_data=False)  # fmt: skip
+    vq = VQVAE(
+        hidden_channels=16,
+        res_channels=8,
+        num_res_blocks=1,
+        downsample=4,
+        num_codes=32,
+        code_dim=8,
+        image_size=64,
+        init_from_data=False,
+    )
     vq.save_pretrained(tmp_path / "vq")
     return tmp_path / "vq"
 
 
 def cli(vq: Path, folder: Path, out: Path, epochs: int, *extra: str) -> list[str]:
-    return ["-m", "train.pixelcnn", "--vqvae", str(vq), "--data", str(folder / "train"), "--labels",
-            str(folder / "labels.csv"), "--out", str(out), "--epochs", str(epochs), "--batch-size", "4",
-            "--channels", "16", "--layers", "3", "--kernel", "3", "--lr", "3e-3", "--warmup-steps", "1",
-            "--val-fraction", "0.25", "--samples", "2", *extra]  # fmt: skip
+    return [
+        "-m",
+        "train.pixelcnn",
+        "--vqvae",
+        str(vq),
+        "--data",
+        str(folder / "train"),
+        "--labels",
+        str(folder / "labels.csv"),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "4",
+        "--channels",
+        "16",
+        "--layers",
+        "3",
+        "--kernel",
+        "3",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "1",
+        "--val-fraction",
+        "0.25",
+        "--samples",
+        "2",
+        *extra,
+    ]
 
 
 def train(vq: Path, folder: Path, out: Path, epochs: int, *extra: str):
@@ -91,14 +126,23 @@ def test_torchrun_two_cpu_processes(tiny_vqvae: Path, image_folder: Path, tmp_pa
 
 def test_hierarchical_prior_on_a_coarse_vqvae(tiny_vqvae: Path, image_folder: Path, tmp_path: Path):
     torch.manual_seed(1)
-    coarse_vq = VQVAE(hidden_channels=16, res_channels=8, num_res_blocks=1, downsample=8, num_codes=8, code_dim=8,
-                      image_size=64, init_from_data=False)  # fmt: skip
+    coarse_vq = VQVAE(
+        hidden_channels=16,
+        res_channels=8,
+        num_res_blocks=1,
+        downsample=8,
+        num_codes=8,
+        code_dim=8,
+        image_size=64,
+        init_from_data=False,
+    )
     coarse_vq.save_pretrained(tmp_path / "cvq")
     plain = tmp_path / "plain"
     train(tiny_vqvae, image_folder, plain, 1)
     out = tmp_path / "hier"
-    res = train(tiny_vqvae, image_folder, out, 2, "--coarse-vqvae", str(tmp_path / "cvq"), "--init-from",
-                str(plain / "final"))  # fmt: skip
+    res = train(
+        tiny_vqvae, image_folder, out, 2, "--coarse-vqvae", str(tmp_path / "cvq"), "--init-from", str(plain / "final")
+    )
     assert "on 8x8 coarse codes" in res.stdout
     with np.load(out / "coarse_codes.npz", allow_pickle=False) as z:
         assert z["codes"].shape == (16, 8, 8)
@@ -107,23 +151,35 @@ def test_hierarchical_prior_on_a_coarse_vqvae(tiny_vqvae: Path, image_folder: Pa
     # training moved the coarse condition off its zero start: the coarse codes change the logits
     codes = torch.randint(0, 32, (2, 16, 16))
     coarse = torch.randint(0, 8, (2, 8, 8))
-    assert not torch.allclose(prior(codes, torch.tensor([0, 1]), coarse), prior(codes, torch.tensor([0, 1]),
-                                                                               (coarse + 1) % 8))  # fmt: skip
+    assert not torch.allclose(
+        prior(codes, torch.tensor([0, 1]), coarse), prior(codes, torch.tensor([0, 1]), (coarse + 1) % 8)
+    )
     assert (out / "samples_epoch002.png").exists()
     # --resume takes the run's own checkpoint even when --init-from is still given (nothing left
     # to train: the export is the checkpoint's weights, not the warm start's)
     before = prior.state_dict()
-    train(tiny_vqvae, image_folder, out, 2, "--coarse-vqvae", str(tmp_path / "cvq"), "--init-from",
-          str(plain / "final"), "--resume")  # fmt: skip
+    train(
+        tiny_vqvae,
+        image_folder,
+        out,
+        2,
+        "--coarse-vqvae",
+        str(tmp_path / "cvq"),
+        "--init-from",
+        str(plain / "final"),
+        "--resume",
+    )
     after = GatedPixelCNN.from_pretrained(out / "final").state_dict()
     assert [r["epoch"] for r in records(out)] == [1, 2]
     assert all(torch.equal(before[k], after[k]) for k in before)
     # a warm start's shape must match; crops cannot keep the coarse grid aligned
-    res = run_module(cli(tiny_vqvae, image_folder, tmp_path / "bad", 1, "--init-from", str(plain / "final"),
-                         "--layers", "4"))  # fmt: skip
+    res = run_module(
+        cli(tiny_vqvae, image_folder, tmp_path / "bad", 1, "--init-from", str(plain / "final"), "--layers", "4")
+    )
     assert res.returncode != 0 and "different architecture: num_layers 3 vs 4" in res.stderr
-    res = run_module(cli(tiny_vqvae, image_folder, tmp_path / "bad2", 1, "--coarse-vqvae", str(tmp_path / "cvq"),
-                         "--crop", "8"))  # fmt: skip
+    res = run_module(
+        cli(tiny_vqvae, image_folder, tmp_path / "bad2", 1, "--coarse-vqvae", str(tmp_path / "cvq"), "--crop", "8")
+    )
     assert res.returncode != 0 and "--crop is not supported" in res.stderr
 
 

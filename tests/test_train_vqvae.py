@@ -12,10 +12,35 @@ from safetensors.torch import load_file
 from lesionstudio.vqvae import VQVAE
 
 TINY = [
-    "--image-size", "64", "--latent", "32", "--crop", "0", "--batch-size", "4", "--workers", "0",
-    "--hidden", "16", "--res-channels", "8", "--res-blocks", "1", "--num-codes", "32", "--code-dim", "8",
-    "--lr", "3e-3", "--warmup-steps", "1", "--val-fraction", "0.25", "--seed", "3",
-]  # fmt: skip
+    "--image-size",
+    "64",
+    "--latent",
+    "32",
+    "--crop",
+    "0",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--hidden",
+    "16",
+    "--res-channels",
+    "8",
+    "--res-blocks",
+    "1",
+    "--num-codes",
+    "32",
+    "--code-dim",
+    "8",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "1",
+    "--val-fraction",
+    "0.25",
+    "--seed",
+    "3",
+]
 
 
 def train(data: Path, out: Path, epochs: int, *extra: str):
@@ -37,8 +62,14 @@ def test_training_lowers_loss_and_exports(image_folder: Path, tmp_path: Path):
     assert [r["epoch"] for r in recs] == [1, 2, 3]
     assert recs[-1]["train_reconstruction"] < recs[0]["train_reconstruction"]
     assert recs[-1]["val_psnr"] > recs[0]["val_psnr"]
-    for name in ("curves.html", "recon_epoch003.png", "checkpoint.pt", "final/config.json",
-                 "final/model.safetensors", "final/codebook_usage.json"):  # fmt: skip
+    for name in (
+        "curves.html",
+        "recon_epoch003.png",
+        "checkpoint.pt",
+        "final/config.json",
+        "final/model.safetensors",
+        "final/codebook_usage.json",
+    ):
         assert (out / name).exists(), name
     assert "val PSNR" in res.stdout
     usage = json.loads((out / "final/codebook_usage.json").read_text())
@@ -96,11 +127,27 @@ def test_empty_data_folder_is_a_clear_error(tmp_path: Path):
 def test_torchrun_two_cpu_processes(image_folder: Path, tmp_path: Path):
     out = tmp_path / "ddp"
     res = run_module(
-        ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "train.vqvae", "--data", str(image_folder / "train"), "--out", str(out),
-         "--epochs", "1", "--device", "cpu", *TINY],
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "train.vqvae",
+            "--data",
+            str(image_folder / "train"),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            *TINY,
+        ],
         env={"OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert [r["epoch"] for r in records(out)] == [1]
     VQVAE.from_pretrained(out / "final")
@@ -109,8 +156,9 @@ def test_torchrun_two_cpu_processes(image_folder: Path, tmp_path: Path):
 def test_warm_start_grows_the_decoder_without_changing_its_output():
     from train.vqvae import warm_start
 
-    source = VQVAE(hidden_channels=16, res_channels=8, num_res_blocks=1, downsample=8, num_codes=32, code_dim=8,
-                   image_size=64).eval()  # fmt: skip
+    source = VQVAE(
+        hidden_channels=16, res_channels=8, num_res_blocks=1, downsample=8, num_codes=32, code_dim=8, image_size=64
+    ).eval()
     for p in source.parameters():  # non-trivial weights everywhere
         torch.nn.init.normal_(p, std=0.2)
     grown = VQVAE(**{**source.config, "upsample_res_blocks": 2}).eval()
@@ -132,8 +180,16 @@ def test_decoder_fine_tune_keeps_encoder_and_codes(image_folder: Path, tmp_path:
     base = tmp_path / "base"
     train(image_folder / "train", base, 1)
     tuned = tmp_path / "tuned"
-    res = train(image_folder / "train", tuned, 2, "--init-from", str(base / "final"), "--upsample-res-blocks", "1",
-                "--freeze-encoder")  # fmt: skip
+    res = train(
+        image_folder / "train",
+        tuned,
+        2,
+        "--init-from",
+        str(base / "final"),
+        "--upsample-res-blocks",
+        "1",
+        "--freeze-encoder",
+    )
     assert "val PSNR" in res.stdout
     a = VQVAE.from_pretrained(base / "final")
     b = VQVAE.from_pretrained(tuned / "final")
@@ -162,8 +218,16 @@ def test_freeze_encoder_needs_a_trained_model(image_folder: Path, tmp_path: Path
 def test_init_from_keeps_the_source_decoder_unless_told(tmp_path: Path):
     from train.vqvae import build_model, parse_args
 
-    source = VQVAE(hidden_channels=16, res_channels=8, num_res_blocks=1, downsample=8, num_codes=32, code_dim=8,
-                   image_size=64, upsample_res_blocks=1)  # fmt: skip
+    source = VQVAE(
+        hidden_channels=16,
+        res_channels=8,
+        num_res_blocks=1,
+        downsample=8,
+        num_codes=32,
+        code_dim=8,
+        image_size=64,
+        upsample_res_blocks=1,
+    )
     source.save_pretrained(tmp_path / "src")
 
     def build(*extra: str) -> VQVAE:

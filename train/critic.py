@@ -46,8 +46,10 @@ def held_out_accuracy(critic: RealismCritic, real: torch.Tensor, fake: torch.Ten
     judged = critic.judge(torch.cat([real, fake]).float() / 255)
     n = len(real)
     scores = {"layout": judged.layout, "texture": judged.texture, "realism": judged.realism}
-    return {f"heldout_{k}_accuracy": round(float(((v[:n] > 0).float().mean() + (v[n:] <= 0).float().mean()) / 2), 4)
-            for k, v in scores.items()}  # fmt: skip
+    return {
+        f"heldout_{k}_accuracy": round(float(((v[:n] > 0).float().mean() + (v[n:] <= 0).float().mean()) / 2), 4)
+        for k, v in scores.items()
+    }
 
 
 def split(images: torch.Tensor, fraction: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,15 +106,21 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {exc}") from exc
     real_train, real_held = split(real, args.holdout, gen)
     fake_train, fake_held = split(fake, args.holdout, gen)
-    print(f"{len(real_train)} real / {len(fake_train)} generated to train, "
-          f"{len(real_held)} / {len(fake_held)} held out")  # fmt: skip
+    print(
+        f"{len(real_train)} real / {len(fake_train)} generated to train, {len(real_held)} / {len(fake_held)} held out"
+    )
     torch.manual_seed(args.seed)
     critic = RealismCritic(channels=args.channels)
     settings = FitSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     losses = fit(critic, real_train, fake_train, settings)
-    metrics = {"real_images": len(real), "generated_images": len(fake), "epochs": args.epochs,
-               "final_loss": round(losses[-1], 4), **held_out_accuracy(critic, real_held, fake_held),
-               "seconds": round(time.time() - t0, 1)}  # fmt: skip
+    metrics = {
+        "real_images": len(real),
+        "generated_images": len(fake),
+        "epochs": args.epochs,
+        "final_loss": round(losses[-1], 4),
+        **held_out_accuracy(critic, real_held, fake_held),
+        "seconds": round(time.time() - t0, 1),
+    }
     print(json.dumps(metrics))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -137,11 +137,17 @@ def card_data(config: dict, evaluation: dict) -> ModelCardData:
     kind = KINDS[kind_of(config)]
     dataset_type, dataset_name, split = kind.dataset
     results = [
-        EvalResult(task_type=kind.pipeline_tag, dataset_type=dataset_type, dataset_name=dataset_name,
-                   dataset_split=split, metric_type=key, metric_value=value)
+        EvalResult(
+            task_type=kind.pipeline_tag,
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=key,
+            metric_value=value,
+        )
         for key, value in evaluation.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool)
-    ]  # fmt: skip
+    ]
     return ModelCardData(
         library_name="lesionstudio",
         license=WEIGHTS_LICENSE,
@@ -248,11 +254,17 @@ def card(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--refresh", type=Path, nargs="+", metavar="FOLDER",
-                   help="rewrite these shipped cards' metadata and licence wording (needs nothing else)")  # fmt: skip
+    p.add_argument(
+        "--refresh",
+        type=Path,
+        nargs="+",
+        metavar="FOLDER",
+        help="rewrite these shipped cards' metadata and licence wording (needs nothing else)",
+    )
     p.add_argument("--model", type=Path)
-    p.add_argument("--run", type=Path, action="append",
-                   help="training run folder; repeat for a run continued by another, in order")  # fmt: skip
+    p.add_argument(
+        "--run", type=Path, action="append", help="training run folder; repeat for a run continued by another, in order"
+    )
     p.add_argument("--eval", type=Path, help="JSON from lesionstudio.evaluate --json")
     p.add_argument("--command")
     p.add_argument("--samples", type=Path, default=None, help="image to copy beside the card and show")

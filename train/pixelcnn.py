@@ -54,9 +54,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crop", type=int, default=0, help="train on random SxS crops of the code grid (0: whole)")
-    p.add_argument("--dihedral", type=int, default=1, choices=range(1, 9), metavar="K",
-                   help="train on the codes of K turns of each training image: 4 = the right-angle rotations, "
-                   "8 = with their mirror images (validation stays on the originals)")
+    p.add_argument(
+        "--dihedral",
+        type=int,
+        default=1,
+        choices=range(1, 9),
+        metavar="K",
+        help="train on the codes of K turns of each training image: 4 = the right-angle rotations, "
+        "8 = with their mirror images (validation stays on the originals)",
+    )
     p.add_argument("--coarse-vqvae", default=None, help="condition on this coarser-grid VQ-VAE's codes of each image")
     p.add_argument("--init-from", default=None, help="start from this trained prior's weights (same architecture)")
     p.add_argument("--channels", type=int, default=128)

@@ -57,9 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=128, help="encoder/decoder channels")
     p.add_argument("--res-channels", type=int, default=64)
     p.add_argument("--res-blocks", type=int, default=2)
-    p.add_argument("--upsample-res-blocks", type=int, default=None,
-                   help="decoder residual blocks after each upsampling stage but the last (default: 0, or "
-                   "those of --init-from)")  # fmt: skip
+    p.add_argument(
+        "--upsample-res-blocks",
+        type=int,
+        default=None,
+        help="decoder residual blocks after each upsampling stage but the last (default: 0, or those of --init-from)",
+    )
     p.add_argument("--num-codes", type=int, default=512, help="codebook size K")
     p.add_argument("--code-dim", type=int, default=64, help="code vector dimension D")
     p.add_argument("--beta", type=float, default=0.25, help="commitment weight")
@@ -68,11 +71,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-restart", action="store_true", help="do not restart dead codes")
     p.add_argument("--dead-threshold", type=float, default=1.0, help="EMA usage below which a code restarts")
     p.add_argument("--usage-limit", type=int, default=None, help="training images scanned for codebook_usage.json")
-    p.add_argument("--init-from", type=Path, default=None, metavar="FOLDER",
-                   help="start from a VQ-VAE folder: its weights and config (plus --upsample-res-blocks)")  # fmt: skip
-    p.add_argument("--freeze-encoder", action="store_true",
-                   help="train the decoder only: encoder and codebook stay fixed, so the codes (and priors "
-                   "trained on them) stay valid")  # fmt: skip
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="FOLDER",
+        help="start from a VQ-VAE folder: its weights and config (plus --upsample-res-blocks)",
+    )
+    p.add_argument(
+        "--freeze-encoder",
+        action="store_true",
+        help="train the decoder only: encoder and codebook stay fixed, so the codes (and priors "
+        "trained on them) stay valid",
+    )
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
     args = p.parse_args(argv)
     if args.freeze_encoder and args.init_from is None:
