@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .data import LesionImageFolder, eval_transform, split_indices
-from .hub import check_coarse_stack, check_pair, load_stack_from
 from .hubmodel import CheckpointError
+from .loading import check_coarse_stack, check_pair, load_stack_from
 from .pixelcnn import GatedPixelCNN
 from .scoring import evaluate
 from .stack import ModelStack

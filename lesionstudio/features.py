@@ -35,8 +35,8 @@ from tqdm import tqdm
 from . import npzcache
 from .codes import state_sha256
 from .data import dihedral_variant, load_image
-from .hub import LATENTS, load_stack
 from .hubmodel import CheckpointError
+from .loading import LATENTS, load_stack
 from .vqvae import VQVAE
 
 PIXEL_SIZE = 32

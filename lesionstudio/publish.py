@@ -17,8 +17,8 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from .hub import USAGE_NAME, default_source
 from .hubmodel import CONFIG_NAME, WEIGHTS_NAME
+from .loading import USAGE_NAME, default_source
 
 CARD_NAME = "README.md"
 PUBLISHED_FILES = (CONFIG_NAME, WEIGHTS_NAME, USAGE_NAME, CARD_NAME)

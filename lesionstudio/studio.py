@@ -25,7 +25,7 @@ from PIL import Image
 from . import metrics
 from .data import ImageLoadError, eval_transform, find_images, load_image, to_pil
 from .features import EncoderFeatures, cached, compute, dihedral, feature_transform
-from .hub import LATENTS, available_latents, default_source, has_critic, load_stack
+from .loading import LATENTS, available_latents, default_source, has_critic, load_stack
 from .neighbours import DEFAULT_THRESHOLD, nearest
 from .pixelcnn import ClassNameError
 from .plots import code_map_image, codebook_usage_figure, error_heatmap

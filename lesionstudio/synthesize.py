@@ -35,8 +35,8 @@ from tqdm import tqdm
 from .codes import file_sha256, state_sha256
 from .data import to_pil
 from .files import atomic_write
-from .hub import LATENTS, load_stack
 from .hubmodel import WEIGHTS_NAME, CheckpointError
+from .loading import LATENTS, load_stack
 from .sampling import make_generator, resolve_labels
 from .stack import ModelStack, sample_ranked, sample_stack, stack_nll_bits
 

@@ -1,4 +1,4 @@
-"""The shipped checkpoints: complete, loadable from their folders, through hub.py and a Hub-like server."""
+"""The shipped checkpoints: complete, loadable from their folders (lesionstudio.loading) and a Hub-like server."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import ROOT, SHARED_DATA, run_module
 from fake_hub import serve_repo
 from huggingface_hub import ModelCard
 
-from lesionstudio import hub
+from lesionstudio import loading
 from lesionstudio.pixelcnn import GatedPixelCNN
 from lesionstudio.vqvae import VQVAE
 
@@ -21,7 +21,7 @@ WEIGHTS_LICENSE = "cc-by-nc-sa-4.0"  # trained on ISIC images, some CC-BY-NC / C
 
 
 def test_every_shipped_latent_has_a_complete_pair():
-    assert hub.available_latents(CHECKPOINTS) == list(SHIPPED)
+    assert loading.available_latents(CHECKPOINTS) == list(SHIPPED)
     files = {p.relative_to(CHECKPOINTS).as_posix() for p in CHECKPOINTS.rglob("*") if p.is_file()}
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]  # no pickles
     for latent in SHIPPED:
@@ -41,7 +41,7 @@ def test_every_shipped_latent_has_a_complete_pair():
 
 def test_the_shipped_stacks_stand_on_the_16x16_layout_level():
     for latent in SHIPPED:
-        stack = hub.load_stack(latent)
+        stack = loading.load_stack(latent)
         assert [level.latent for level in stack.levels] == [n for n in SHIPPED if n <= latent]
         assert stack.critic is not None
         assert stack.levels[0].prior.kernel_size // 2 * stack.levels[0].prior.num_layers >= 16, (
@@ -54,7 +54,7 @@ def test_shipped_pair_loads_from_its_folders_and_through_hub(latent: int):
     vq = VQVAE.from_pretrained(CHECKPOINTS / f"vqvae-{latent}")
     prior = GatedPixelCNN.from_pretrained(CHECKPOINTS / f"pixelcnn-{latent}")
     assert vq.latent_size == latent and prior.grid_size == latent and prior.class_names == ["benign", "malignant"]
-    pair = hub.load_stack(latent)  # the bundled folder is the default source
+    pair = loading.load_stack(latent)  # the bundled folder is the default source
     assert pair.vqvae_dir == CHECKPOINTS / f"vqvae-{latent}" and pair.usage is not None
     for a, b in zip(vq.state_dict().values(), pair.vqvae.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -64,7 +64,7 @@ def test_shipped_pair_loads_from_its_folders_and_through_hub(latent: int):
 
 def test_shipped_32_pair_through_a_local_hub_server(tmp_path: Path):
     script = (
-        "import json; from lesionstudio import hub; p = hub.load_stack(32, 'lesionstudio/checkpoints'); "
+        "import json; from lesionstudio import loading; p = loading.load_stack(32, 'lesionstudio/checkpoints'); "
         "print(json.dumps([p.vqvae.latent_size, p.prior.grid_size, sum(p.usage)]))"
     )
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}

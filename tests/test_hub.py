@@ -9,7 +9,7 @@ import pytest
 from conftest import make_pair, run_module
 from fake_hub import serve_repo
 
-from lesionstudio import hub
+from lesionstudio import loading
 from lesionstudio.hubmodel import CheckpointError
 
 
@@ -22,47 +22,47 @@ def checkpoints(tmp_path: Path) -> Path:
 
 
 def test_load_local_pair(checkpoints: Path):
-    assert hub.available_latents(checkpoints) == [32, 64]
-    pair = hub.load_stack(64, checkpoints)
+    assert loading.available_latents(checkpoints) == [32, 64]
+    pair = loading.load_stack(64, checkpoints)
     assert pair.vqvae.latent_size == 64 and pair.prior is not None and pair.prior.grid_size == 64
     assert pair.usage == list(range(16))
     assert pair.vqvae_dir == checkpoints / "vqvae-64"
     with pytest.raises(CheckpointError, match="no vqvae-128"):
-        hub.load_stack(128, checkpoints)
+        loading.load_stack(128, checkpoints)
     with pytest.raises(ValueError, match="latent size"):
-        hub.load_stack(48, checkpoints)
+        loading.load_stack(48, checkpoints)
 
 
 def test_environment_variable_names_the_default_folder(checkpoints: Path, monkeypatch):
-    monkeypatch.setenv(hub.ENV_VAR, str(checkpoints))
-    assert hub.default_source() == checkpoints
-    assert hub.load_stack(32).vqvae.latent_size == 32
-    monkeypatch.delenv(hub.ENV_VAR)
-    assert hub.default_source() == hub.BUNDLED
+    monkeypatch.setenv(loading.ENV_VAR, str(checkpoints))
+    assert loading.default_source() == checkpoints
+    assert loading.load_stack(32).vqvae.latent_size == 32
+    monkeypatch.delenv(loading.ENV_VAR)
+    assert loading.default_source() == loading.BUNDLED
 
 
 def test_mismatched_pair_is_a_clear_error(tmp_path: Path):
     root = tmp_path / "bad"
     make_pair(root, 64, num_codes=16, prior_codes=32)
     with pytest.raises(CheckpointError, match=r"does not match.*K: prior 32 vs VQ-VAE 16"):
-        hub.load_stack(64, root)
+        loading.load_stack(64, root)
     # a prior trained for another grid
     make_pair(root, 32)
     (root / "pixelcnn-64").rename(root / "old")
     (root / "pixelcnn-32").rename(root / "pixelcnn-64")
     with pytest.raises(CheckpointError, match="grid size: prior 32 vs VQ-VAE 64"):
-        hub.load_stack(64, root)
+        loading.load_stack(64, root)
 
 
 def test_missing_and_corrupt_files_name_the_folder(checkpoints: Path):
     (checkpoints / "pixelcnn-64" / "model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError, match="pixelcnn-64.*corrupt"):
-        hub.load_stack(64, checkpoints)
+        loading.load_stack(64, checkpoints)
     (checkpoints / "vqvae-32" / "config.json").unlink()
     with pytest.raises(CheckpointError, match="vqvae-32: missing config.json"):
-        hub.load_stack(32, checkpoints)
+        loading.load_stack(32, checkpoints)
     with pytest.raises(CheckpointError, match="does not exist"):
-        hub.load_stack(64, checkpoints / "nowhere")
+        loading.load_stack(64, checkpoints / "nowhere")
 
 
 def test_vqvae_alone_loads_without_a_prior(tmp_path: Path):
@@ -71,17 +71,17 @@ def test_vqvae_alone_loads_without_a_prior(tmp_path: Path):
     for f in (root / "pixelcnn-64").iterdir():
         f.unlink()
     (root / "pixelcnn-64").rmdir()
-    pair = hub.load_stack(64, root, require_prior=False)
+    pair = loading.load_stack(64, root, require_prior=False)
     assert pair.prior is None
     with pytest.raises(CheckpointError, match="no pixelcnn-64"):
-        hub.load_stack(64, root)
+        loading.load_stack(64, root)
 
 
 LOAD_SCRIPT = """
 import json
-from lesionstudio import hub
-print(json.dumps({"latents": hub.available_latents("lesion/checkpoints"),
-                  "grid": hub.load_stack(64, "lesion/checkpoints").prior.grid_size}))
+from lesionstudio import loading
+print(json.dumps({"latents": loading.available_latents("lesion/checkpoints"),
+                  "grid": loading.load_stack(64, "lesion/checkpoints").prior.grid_size}))
 """
 
 
@@ -98,7 +98,7 @@ def test_hub_repo_through_a_local_hub_server(checkpoints: Path, tmp_path: Path):
     assert res.returncode == 0, res.stderr[-3000:]
     # an unknown repo is a clear error
     with serve_repo("lesion/checkpoints", checkpoints) as (endpoint, _):
-        script = "from lesionstudio import hub; hub.load_stack(64, 'other/repo')"
+        script = "from lesionstudio import loading; loading.load_stack(64, 'other/repo')"
         res = run_module(["-c", script], env={**env, "HF_ENDPOINT": endpoint}, timeout=300)
         assert res.returncode != 0 and "not found" in res.stderr
 

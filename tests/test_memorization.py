@@ -166,7 +166,7 @@ def test_feature_cache_is_rebuilt_when_files_change(tmp_path: Path):
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data/isic256")
 def test_real_isic_copies_are_flagged_with_the_shipped_encoder(tmp_path: Path):
     from lesionstudio.data import find_images
-    from lesionstudio.hub import load_stack
+    from lesionstudio.loading import load_stack
 
     files = find_images(SHARED_DATA / "train")
     train, heldout, new = files[:300], files[300:364], files[364:376]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import lesion_image, make_pair, run_module, write_images
 
-from lesionstudio import hub
+from lesionstudio import loading
 from lesionstudio.critic import FitSettings, RealismCritic
 from lesionstudio.stack import CANDIDATE_SEED_OFFSET, sample_ranked, sample_stack
 from lesionstudio.twosample import blurred, two_sample_test
@@ -67,7 +67,7 @@ def stack_with_critic(tmp_path: Path) -> Path:
 
 
 def test_ranking_keeps_the_best_scored_candidate_of_each_sample(stack_with_critic: Path):
-    stack = hub.load_stack(32, stack_with_critic)
+    stack = loading.load_stack(32, stack_with_critic)
     assert stack.critic is not None
     ranked = sample_ranked(stack, 2, candidates=3, seed=[11, 12], temperature=(1.0, 0.8))
     seeds = [s + j * CANDIDATE_SEED_OFFSET for s in (11, 12) for j in range(3)]
@@ -92,7 +92,7 @@ def test_ranking_keeps_the_best_scored_candidate_of_each_sample(stack_with_criti
 def test_synthesize_ranks_candidates_and_records_scores(stack_with_critic: Path, tmp_path: Path):
     from lesionstudio.synthesize import synthesize
 
-    stack = hub.load_stack(32, stack_with_critic)
+    stack = loading.load_stack(32, stack_with_critic)
     rows = synthesize(tmp_path / "s", 2, stack, batch_size=2, show_progress=False, candidates=3, detail_temperature=0.8)
     assert all(r["realism_score"] and r["candidates"] == "3" and r["detail_temperature"] == "0.8" for r in rows)
     assert "best of 3 candidates" in (tmp_path / "s" / "README.md").read_text()

@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, make_pair, run_module
 from safetensors.torch import load_file
 
-from lesionstudio import hub
+from lesionstudio import loading
 from lesionstudio.hubmodel import CheckpointError
 from lesionstudio.vqvae import VQVAE
 from train import common
@@ -74,7 +74,7 @@ def test_pickled_weights_are_never_loaded(tmp_path: Path):
     with pytest.raises(CheckpointError, match="missing model.safetensors"):
         VQVAE.from_pretrained(folder)
     with pytest.raises(CheckpointError, match="missing model.safetensors"):
-        hub.load_stack(64, tmp_path / "ckpts")
+        loading.load_stack(64, tmp_path / "ckpts")
     assert not marker.exists()
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import make_pair, run_module
 from fake_hub import serve_repo
 
-from lesionstudio import hub
+from lesionstudio import loading
 from lesionstudio.hubmodel import CheckpointError
 from lesionstudio.pixelcnn import GatedPixelCNN
 from lesionstudio.sampling import inpaint, sample
@@ -117,20 +117,20 @@ def test_incremental_sampler_matches_the_plain_one_with_coarse_codes(num_classes
 
 
 def test_load_hierarchical_pair(checkpoints: Path):
-    pair = hub.load_stack(64, checkpoints)
+    pair = loading.load_stack(64, checkpoints)
     assert pair.prior.hierarchical and pair.coarse is not None
     assert pair.coarse.latent == 32 and pair.coarse.prior is not None and pair.coarse.coarse is None
-    assert hub.load_stack(32, checkpoints).coarse is None
+    assert loading.load_stack(32, checkpoints).coarse is None
 
 
 def test_coarse_pair_problems_are_clear_errors(tmp_path: Path):
     root = tmp_path / "a"
     make_pair(root, 64, coarse=32)  # no 32x32 pair beside it
     with pytest.raises(CheckpointError, match=r"fills in a 32x32 coarse grid.*no vqvae-32"):
-        hub.load_stack(64, root)
+        loading.load_stack(64, root)
     make_pair(root, 32, num_codes=8)  # coarse K does not match what the prior was made for
     with pytest.raises(CheckpointError, match="coarse codebook size K: prior expects 16, VQ-VAE has 8"):
-        hub.load_stack(64, root)
+        loading.load_stack(64, root)
     root = tmp_path / "b"
     make_pair(root, 32)
     make_pair(root, 64, coarse=32)
@@ -138,11 +138,11 @@ def test_coarse_pair_problems_are_clear_errors(tmp_path: Path):
     cfg["class_names"] = ["nevus", "melanoma"]
     (root / "pixelcnn-32" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="classes"):
-        hub.load_stack(64, root)
+        loading.load_stack(64, root)
 
 
 def test_sample_pair_draws_the_coarse_grid_as_the_coarse_pair_would(checkpoints: Path):
-    pair = hub.load_stack(64, checkpoints)
+    pair = loading.load_stack(64, checkpoints)
     drawn = sample_stack(pair, 2, seed=[3, 4], labels=None)
     assert drawn.codes.shape == (2, 64, 64) and drawn.coarse.shape == (2, 32, 32) and drawn.labels.shape == (2,)
     alone = sample(pair.coarse.prior, 2, seed=[3, 4])
@@ -150,7 +150,7 @@ def test_sample_pair_draws_the_coarse_grid_as_the_coarse_pair_would(checkpoints:
     # The fine stage is the fine prior given those coarse codes and classes, with its own seeds.
     again = sample(pair.prior, 2, seed=level_seed([3, 4], 1), labels=drawn.labels, coarse=drawn.coarse)
     assert torch.equal(drawn.codes, again)
-    plain = sample_stack(hub.load_stack(32, checkpoints), 2, seed=[3, 4])
+    plain = sample_stack(loading.load_stack(32, checkpoints), 2, seed=[3, 4])
     assert plain.coarse is None and torch.equal(plain.codes, alone) and torch.equal(plain.labels, drawn.labels)
     seen = []
     sample_stack(pair, 1, seed=0, labels=1, progress=seen.append)
@@ -158,7 +158,7 @@ def test_sample_pair_draws_the_coarse_grid_as_the_coarse_pair_would(checkpoints:
 
 
 def test_inpaint_pair_redraws_coarse_and_fine_codes_under_the_mask(checkpoints: Path):
-    pair = hub.load_stack(64, checkpoints)
+    pair = loading.load_stack(64, checkpoints)
     codes, coarse = torch.randint(0, 16, (64, 64)), torch.randint(0, 16, (32, 32))
     mask = torch.zeros(64, 64, dtype=torch.bool)
     mask[10:20, 30:41] = True
@@ -173,7 +173,7 @@ def test_inpaint_pair_redraws_coarse_and_fine_codes_under_the_mask(checkpoints: 
 
 
 def test_pair_bits_are_the_joint_negative_log_likelihood(checkpoints: Path):
-    pair = hub.load_stack(64, checkpoints)
+    pair = loading.load_stack(64, checkpoints)
     codes, coarse = torch.randint(0, 16, (2, 64, 64)), torch.randint(0, 16, (2, 32, 32))
     lab = torch.tensor([0, 1])
     bits = stack_nll_bits(pair, [coarse, codes], lab)
@@ -234,7 +234,7 @@ def test_evaluate_scores_a_hierarchical_prior_with_its_coarse_pair(checkpoints: 
 def test_hierarchical_pair_through_a_local_hub_server(checkpoints: Path, tmp_path: Path):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
     script = (
-        "import json; from lesionstudio import hub; p = hub.load_stack(64, 'lesion/checkpoints'); "
+        "import json; from lesionstudio import loading; p = loading.load_stack(64, 'lesion/checkpoints'); "
         "print(json.dumps([p.coarse.latent, p.coarse.prior.grid_size, p.prior.cond_grid_size]))"
     )
     with serve_repo("lesion/checkpoints", checkpoints) as (endpoint, requests):
@@ -247,18 +247,18 @@ def test_hierarchical_pair_through_a_local_hub_server(checkpoints: Path, tmp_pat
 def test_synthesize_records_the_coarse_prior(checkpoints: Path, tmp_path: Path):
     from lesionstudio.synthesize import synthesize
 
-    pair = hub.load_stack(64, checkpoints)
+    pair = loading.load_stack(64, checkpoints)
     rows = synthesize(tmp_path / "synth", 2, pair, batch_size=2, show_progress=False)
     assert rows[0]["coarse_prior"] == str(checkpoints / "pixelcnn-32") and len(rows[0]["coarse_prior_sha256"]) == 64
     assert "coarse prior, which drew each lesion's layout first" in (tmp_path / "synth" / "README.md").read_text()
     assert float(rows[0]["bits_per_code"]) > 0
     # a changed coarse prior is refused rather than mixed into the folder
-    cprior = hub.load_stack(32, checkpoints).prior
+    cprior = loading.load_stack(32, checkpoints).prior
     for p in cprior.parameters():
         p.data.add_(0.01)
     cprior.save_pretrained(checkpoints / "pixelcnn-32")
     with pytest.raises(ValueError, match="coarse_prior_sha256"):
-        synthesize(tmp_path / "synth", 3, hub.load_stack(64, checkpoints), batch_size=2, show_progress=False)
+        synthesize(tmp_path / "synth", 3, loading.load_stack(64, checkpoints), batch_size=2, show_progress=False)
 
 
 @pytest.fixture
@@ -272,16 +272,16 @@ def three_levels(tmp_path: Path) -> Path:
 
 
 def test_a_three_level_stack_loads_coarsest_first(three_levels: Path):
-    stack = hub.load_stack(64, three_levels)
+    stack = loading.load_stack(64, three_levels)
     assert [level.latent for level in stack.levels] == [16, 32, 64]
-    assert stack.coarse.coarse.coarse is None and hub.load_stack(16, three_levels).levels[0].prior is not None
+    assert stack.coarse.coarse.coarse is None and loading.load_stack(16, three_levels).levels[0].prior is not None
     (three_levels / "vqvae-16" / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"32x32 coarse grid.*16x16 coarse grid"):
-        hub.load_stack(64, three_levels)
+        loading.load_stack(64, three_levels)
 
 
 def test_three_level_sampling_is_each_level_given_the_one_below(three_levels: Path):
-    stack = hub.load_stack(64, three_levels)
+    stack = loading.load_stack(64, three_levels)
     drawn = sample_stack(stack, 2, seed=[5, 6], temperature=(1.0, 0.7))
     assert [g.shape[-1] for g in drawn.levels] == [16, 32, 64]
     top = sample(stack.levels[0].prior, 2, seed=[5, 6])
@@ -292,7 +292,7 @@ def test_three_level_sampling_is_each_level_given_the_one_below(three_levels: Pa
     assert torch.equal(drawn.levels[0], top) and torch.equal(drawn.levels[1], middle)
     assert torch.equal(drawn.codes, fine)
     # The same seed shows the same lesion at every grid size: the 32x32 stack draws the same two levels.
-    smaller = sample_stack(hub.load_stack(32, three_levels), 2, seed=[5, 6], temperature=(1.0, 0.7))
+    smaller = sample_stack(loading.load_stack(32, three_levels), 2, seed=[5, 6], temperature=(1.0, 0.7))
     assert all(torch.equal(a, b) for a, b in zip(smaller.levels, drawn.levels[:2], strict=False))
     with pytest.raises(ValueError, match="temperatures"):
         sample_stack(stack, 1, temperature=(1.0, 0.9, 0.8, 0.7))
@@ -330,7 +330,7 @@ def test_three_level_incremental_and_naive_samplers_agree():
 
 
 def test_three_level_inpainting_and_scoring(three_levels: Path):
-    stack = hub.load_stack(64, three_levels)
+    stack = loading.load_stack(64, three_levels)
     codes = [torch.randint(0, 16, (g, g)) for g in (16, 32, 64)]
     mask = torch.zeros(64, 64, dtype=torch.bool)
     mask[8:24, 40:56] = True

@@ -12,7 +12,7 @@ from conftest import make_pair, run_module
 from PIL import Image
 
 from lesionstudio.codes import file_sha256
-from lesionstudio.hub import load_stack
+from lesionstudio.loading import load_stack
 from lesionstudio.sampling import sample
 from lesionstudio.synthesize import COLUMNS, image_seed, synthesize
 

@@ -28,7 +28,7 @@ from lesionstudio.data import (
     split_indices,
     train_transform,
 )
-from lesionstudio.hub import LATENTS
+from lesionstudio.loading import LATENTS
 from lesionstudio.plots import write_curves
 from lesionstudio.scoring import codebook_usage, evaluate
 from lesionstudio.vqvae import VQVAE, ResidualBlock
