@@ -113,7 +113,8 @@ class SamplerWorker:
                 return job.future.result(timeout=POLL_SECONDS)
             except TimeoutError:
                 if progress:
-                    waiting = f"waiting for the sampler ({self.waiting()} jobs queued)"
+                    n = self.waiting()
+                    waiting = f"waiting for the sampler ({n} request{'s' if n != 1 else ''} waiting)"
                     progress(job.progress, "sampling codes" if job.started else waiting)
 
     def _loop(self) -> None:
