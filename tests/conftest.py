@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -18,6 +19,13 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "isic256"
 
 # Tests never touch the network (set before any test module imports huggingface_hub).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# A tiny VQ-VAE for the trainer tests (64 px images, 32x32 codes), as command-line arguments.
+TINY_VQVAE_ARGS = shlex.split(
+    "--image-size 64 --latent 32 --crop 0 --batch-size 4 --workers 0 --hidden 16 --res-channels 8 "
+    "--res-blocks 1 --num-codes 32 --code-dim 8 --lr 3e-3 --warmup-steps 1 --val-fraction 0.25"
+)
 
 
 def lesion_image(size: int = 64, seed: int = 0) -> Image.Image:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_pair, run_module
+from conftest import ROOT, TINY_VQVAE_ARGS, make_pair, run_module
 from safetensors.torch import load_file
 
 from lesionstudio import loading
@@ -22,36 +22,7 @@ from lesionstudio.hubmodel import CheckpointError
 from lesionstudio.vqvae import VQVAE
 from train import common
 
-TINY = [
-    "--image-size",
-    "64",
-    "--latent",
-    "32",
-    "--crop",
-    "0",
-    "--batch-size",
-    "4",
-    "--workers",
-    "0",
-    "--hidden",
-    "16",
-    "--res-channels",
-    "8",
-    "--res-blocks",
-    "1",
-    "--num-codes",
-    "32",
-    "--code-dim",
-    "8",
-    "--lr",
-    "3e-3",
-    "--warmup-steps",
-    "1",
-    "--val-fraction",
-    "0.25",
-    "--seed",
-    "5",
-]
+TINY = [*TINY_VQVAE_ARGS, "--seed", "5"]
 
 
 class Payload:

@@ -6,41 +6,12 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import kill_when_exists, run_module
+from conftest import TINY_VQVAE_ARGS, kill_when_exists, run_module
 from safetensors.torch import load_file
 
 from lesionstudio.vqvae import VQVAE
 
-TINY = [
-    "--image-size",
-    "64",
-    "--latent",
-    "32",
-    "--crop",
-    "0",
-    "--batch-size",
-    "4",
-    "--workers",
-    "0",
-    "--hidden",
-    "16",
-    "--res-channels",
-    "8",
-    "--res-blocks",
-    "1",
-    "--num-codes",
-    "32",
-    "--code-dim",
-    "8",
-    "--lr",
-    "3e-3",
-    "--warmup-steps",
-    "1",
-    "--val-fraction",
-    "0.25",
-    "--seed",
-    "3",
-]
+TINY = [*TINY_VQVAE_ARGS, "--seed", "3"]
 
 
 def train(data: Path, out: Path, epochs: int, *extra: str):
