@@ -197,13 +197,14 @@ def build(
         out = sampler.generate(settings, studio.sample_seeds(int(n), int(seed)), lambda f, desc: progress(f, desc=desc))
         encoding = time.perf_counter()
         images = out.images
-        if len(images) == 1:
+        if len(images) == 1:  # the download is the shown image's file: encoded once
             path = files.path(f"lesion_seed{int(seed)}.png")
-            images[0].save(path)
+            images[0].save(path, compress_level=1)
+            shown = [str(path)]
         else:
             path = files.path(f"lesions_seed{int(seed)}_{len(images)}.zip")
             path.write_bytes(zip_images(images))
-        shown = [files.png(i) for i in images]
+            shown = [files.png(i) for i in images]
         searching = time.perf_counter()
         progress(1, desc="finding the nearest training images")
         near = [(files.png(img), caption) for img, caption in studio.nearest_training(images)]
