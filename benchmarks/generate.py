@@ -3,10 +3,10 @@
     python benchmarks/generate.py [--checkpoints checkpoints] [--baseline OLD_CHECKPOINTS] [--latent 64]
 
 Times ``Studio.generate`` (what the Generate tab runs, minus the browser): one sample at the
-default temperatures, then one sample ranked from 2 and 4 candidates when the checkpoints have a
-critic. ``--baseline`` times another checkpoints folder the same way in the same run (for
-example the previous release), so the ratios compare like with like. Best of ``--repeat`` runs,
-after a warm-up.
+default temperatures and layout guidance, then one sample ranked from 2 and 4 candidates when
+the checkpoints have a critic. ``--baseline`` times another checkpoints folder the same way in
+the same run (for example the previous release), so the ratios compare like with like. Best of
+``--repeat`` runs, after a warm-up.
 """
 
 from __future__ import annotations
@@ -20,7 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lesionstudio.studio import DEFAULT_DETAIL_TEMPERATURE, DEFAULT_TEMPERATURE, Studio  # noqa: E402
+from lesionstudio.studio import (  # noqa: E402
+    DEFAULT_DETAIL_TEMPERATURE,
+    DEFAULT_GUIDANCE,
+    DEFAULT_TEMPERATURE,
+    Studio,
+)
 
 
 def best_of(fn, repeat: int) -> float:
@@ -47,6 +52,7 @@ def rows(source: str, latent: int, repeat: int, candidates: list[int]) -> list[t
                 seed=0,
                 detail_temperature=DEFAULT_DETAIL_TEMPERATURE,
                 candidates=m,
+                guidance=DEFAULT_GUIDANCE,
             ),
             repeat,
         )

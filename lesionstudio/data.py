@@ -162,7 +162,9 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     """A [3, H, W] (or [1, 3, H, W]) tensor in [0, 1] to a PIL image."""
     if x.ndim == 4:
         x = x[0]
-    return TF.to_pil_image(x.detach().float().clamp(0, 1).cpu())
+    # Rounded, not truncated as to_pil_image does for floats: truncation makes every saved sample
+    # half a level darker than the same image rounded, a tell for a critic or a two-sample test.
+    return TF.to_pil_image((x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
 
 
 def find_images(root: str | Path) -> list[Path]:

@@ -207,20 +207,38 @@ class GatedPixelCNN(
             raise ValueError(f"a {h}x{w} grid is not a whole multiple of its {hc}x{wc} coarse grid")
         check_codes(coarse, self.cond_num_codes, "coarse codes")
 
+    def coarse_features(self, coarse: torch.Tensor, size: tuple[int, int], guidance: float = 1.0) -> torch.Tensor:
+        """The coarse grid's features at ``size``, scaled by ``guidance``: 1 is the prior as
+        trained; above 1 every gate leans further toward what the coarse grid says, so a
+        sample keeps its layout more closely (a sampling-time knob, like the temperature)."""
+        if self.condition is None:
+            raise ValueError("this prior is not conditioned on a coarse grid")
+        feats = self.condition(coarse, size)
+        return feats if guidance == 1.0 else feats * guidance
+
     def biases(
-        self, labels: torch.Tensor | None, coarse: torch.Tensor | None, size: tuple[int, int]
+        self,
+        labels: torch.Tensor | None,
+        coarse: torch.Tensor | None,
+        size: tuple[int, int],
+        guidance: float = 1.0,
     ) -> list[torch.Tensor | None]:
         """Per layer, what the class and coarse-grid conditions add inside its gates."""
-        feats = None if coarse is None or self.condition is None else self.condition(coarse, size)
+        feats = None if coarse is None or self.condition is None else self.coarse_features(coarse, size, guidance)
         return [layer.bias(labels, feats) for layer in self.layers]
 
     def forward(
-        self, codes: torch.Tensor, labels: torch.Tensor | None = None, coarse: torch.Tensor | None = None
+        self,
+        codes: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        coarse: torch.Tensor | None = None,
+        guidance: float = 1.0,
     ) -> torch.Tensor:
         self.check_inputs(codes, labels, coarse)
         x = self.embedding(codes.long()).permute(0, 3, 1, 2)
         v = h = x
-        for layer, bias in zip(self.layers, self.biases(labels, coarse, codes.shape[1:]), strict=True):
+        biases = self.biases(labels, coarse, codes.shape[1:], guidance)
+        for layer, bias in zip(self.layers, biases, strict=True):
             v, h = layer(v, h, bias)
         return self.head(h)
 

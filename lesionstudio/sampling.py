@@ -111,12 +111,14 @@ def sample(
     method: str = "incremental",
     progress: Progress | None = None,
     coarse: torch.Tensor | None = None,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
     """Draw n code grids [n, h, w] from the prior (shape defaults to the grid it was trained on).
 
     ``seed`` is one seed for the batch, or n seeds, one per grid: then grid i (and its class,
     when drawn) depends on seed i alone, not on the batch it was drawn in. A hierarchical prior
-    needs ``coarse`` [n, hc, wc], the coarse grid each sample fills in.
+    needs ``coarse`` [n, hc, wc], the coarse grid each sample fills in; ``guidance`` scales its
+    features (``GatedPixelCNN.coarse_features``).
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -127,7 +129,7 @@ def sample(
     lab = resolve_labels(prior, n, labels, gen)
     codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
     mask = torch.ones(n, h, w, dtype=torch.bool, device=device)
-    return _fill(Draw(prior, codes, mask, lab, temperature, top_k, gen, method, progress, coarse))
+    return _fill(Draw(prior, codes, mask, lab, temperature, top_k, gen, method, progress, coarse, guidance))
 
 
 def _coarse_on_device(
@@ -155,6 +157,7 @@ def inpaint(
     method: str = "incremental",
     progress: Progress | None = None,
     coarse: torch.Tensor | None = None,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
     """Resample the codes where mask is True, keep the others; n variants per input grid.
 
@@ -163,7 +166,8 @@ def inpaint(
     before it. A causal prior cannot see the fixed codes after the hole, so each variant is
     the best of ``candidates`` fills, ranked by the prior's likelihood of the fixed codes that
     follow the hole (how well the fill leads into what is kept). A hierarchical prior needs
-    ``coarse`` ([hc, wc] or [B, hc, wc]), or [B * n, hc, wc] for a different one per variant.
+    ``coarse`` ([hc, wc] or [B, hc, wc]), or [B * n, hc, wc] for a different one per variant,
+    and draws with its features scaled by ``guidance``.
     """
     if codes.ndim == 2:
         codes, mask = codes[None], mask[None]
@@ -190,7 +194,8 @@ def inpaint(
     msk = mask.repeat_interleave(rep, dim=0)
     lab_all = None if lab is None else lab.repeat_interleave(m)
     coarse_all = None if coarse is None else coarse.repeat_interleave(m, dim=0)
-    filled = _fill(Draw(prior, grid, msk, lab_all, temperature, top_k, gen, method, progress, coarse_all))
+    draw = Draw(prior, grid, msk, lab_all, temperature, top_k, gen, method, progress, coarse_all, guidance)
+    filled = _fill(draw)
     if m == 1:
         return filled
     score = _after_hole_loglik(prior, filled, msk, lab_all, coarse_all)
@@ -236,6 +241,7 @@ class Draw:
     method: str = "incremental"
     progress: Progress | None = None
     coarse: torch.Tensor | None = None
+    guidance: float = 1.0
 
 
 def _fill(draw: Draw) -> torch.Tensor:
@@ -246,7 +252,8 @@ def _fill(draw: Draw) -> torch.Tensor:
         return _fill_naive(draw, codes, labels)
     if draw.method != "incremental":
         raise ValueError(f"method must be 'incremental' or 'naive', got {draw.method!r}")
-    sampler = IncrementalSampler(draw.prior, codes.shape[0], codes.shape[1], codes.shape[2], labels, draw.coarse)
+    b, h, w = codes.shape
+    sampler = IncrementalSampler(draw.prior, b, h, w, labels, draw.coarse, draw.guidance)
     return sampler.fill(codes, draw.mask, draw.temperature, draw.top_k, draw.gen, draw.progress)
 
 
@@ -261,7 +268,7 @@ def _fill_naive(draw: Draw, codes: torch.Tensor, labels: torch.Tensor | None) ->
             continue
         noise = row_noise(draw.gen, len(cols), codes.shape[0], prior.num_codes, prior.embedding.weight)
         for j, c in enumerate(cols):
-            logits = prior(codes, labels, draw.coarse)[:, :, r, c]
+            logits = prior(codes, labels, draw.coarse, draw.guidance)[:, :, r, c]
             new = choose(logits, noise[j], draw.temperature, draw.top_k)
             codes[:, r, c] = torch.where(mask[:, r, c], new, codes[:, r, c])
         done += len(cols)
@@ -301,6 +308,7 @@ class IncrementalSampler:
         width: int,
         labels: torch.Tensor | None,
         coarse: torch.Tensor | None = None,
+        guidance: float = 1.0,
     ):
         self.prior, self.b, self.h, self.w = prior, batch, height, width
         self.p = p = prior.kernel_size // 2
@@ -322,7 +330,7 @@ class IncrementalSampler:
         self.coarse_feats = None
         if coarse is not None and prior.condition is not None:
             # At the coarse grid's size; each fine row is upsampled when needed (nearest: a copy).
-            self.coarse_feats = prior.condition(coarse, tuple(coarse.shape[1:])).detach()
+            self.coarse_feats = prior.coarse_features(coarse, tuple(coarse.shape[1:]), guidance).detach()
             rows = torch.arange(coarse.shape[1], dtype=torch.float32)[None, None, :, None]
             self.coarse_rows = F.interpolate(rows, size=(height, 1), mode="nearest").long().flatten().tolist()
         self.class_biases = [layer.bias(labels, None) for layer in prior.layers]

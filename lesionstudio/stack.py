@@ -14,6 +14,10 @@ Candidate ranking (``candidates=M``; VQ-VAE-2's classifier-based rejection): eac
 one of M candidates that the stack's realism critic scores highest. Candidates are drawn with
 per-sample seeds, candidate j of seed s with ``s + j * CANDIDATE_SEED_OFFSET``, so candidate 0 is
 the sample drawn without ranking and a sample depends on its own seed alone.
+
+Layout guidance (``guidance``; 1 = the priors as trained) scales what each finer level's prior
+takes from the grid below it (``GatedPixelCNN.coarse_features``): above 1, a sample keeps the
+lesion and border its 16x16 layout drew, where the 32x32 prior as trained lets them fade.
 """
 
 from __future__ import annotations
@@ -147,9 +151,11 @@ def sample_stack(
     labels: LabelsArg = None,
     progress: Progress | None = None,
     method: str = "incremental",
+    *,
+    guidance: float = 1.0,
 ) -> StackSample:
     """Draw n code grids at every level, coarsest first, each given the one below (``method``:
-    the sampler, see ``lesionstudio.sampling``)."""
+    the sampler, see ``lesionstudio.sampling``; ``guidance``: see the module docstring)."""
     levels = stack.sampling_levels()
     temps = level_temperatures(temperature, len(levels))
     if seed is None:  # a concrete seed, so the classes drawn below can be known
@@ -170,6 +176,7 @@ def sample_stack(
             coarse=coarse,
             method=method,
             progress=_split(progress, *ranges[i]),
+            guidance=guidance,
         )
         drawn.append(grids)
     return StackSample(drawn, lab)
@@ -196,6 +203,8 @@ def sample_ranked(
     seed: SeedArg = None,
     labels: LabelsArg = None,
     progress: Progress | None = None,
+    *,
+    guidance: float = 1.0,
 ) -> StackSample:
     """Draw ``candidates`` samples per requested one (in one batch) and keep, for each, the one
     the stack's critic scores most real-looking; ``scores`` holds the kept ones' scores."""
@@ -209,7 +218,7 @@ def sample_ranked(
     if labels is not None:  # each candidate keeps its sample's requested class
         lab = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         lab = (lab.expand(n) if lab.numel() == 1 else lab).repeat_interleave(m)
-    drawn = sample_stack(stack, n * m, temperature, seeds, lab, progress)
+    drawn = sample_stack(stack, n * m, temperature, seeds, lab, progress, guidance=guidance)
     images = stack.vqvae.decode_codes(drawn.codes)
     scores = stack.critic.judge(images).realism.view(n, m)
     keep = torch.arange(n) * m + scores.argmax(1)
@@ -234,6 +243,7 @@ def inpaint_stack(
     seed: int | None = None,
     labels: LabelsArg = None,
     progress: Progress | None = None,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
     """Redraw the codes under mask (on the finest grid, [h, w] or [B, h, w]) at every level,
     coarsest first; ``codes`` holds the image's grids at every level, coarsest first ([h_i, w_i]
@@ -267,6 +277,7 @@ def inpaint_stack(
             n=n,
             coarse=variants,
             progress=_split(progress, *ranges[i]),
+            guidance=guidance,
         )
     assert variants is not None
     return variants

@@ -37,10 +37,12 @@ MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000
 MAX_SAMPLES = 16
 MAX_CANDIDATES = 8  # per sample: the batch drawn is samples x candidates
+MAX_GUIDANCE = 4.0
 # The Generate tab's defaults: what measured best within the time limits (README, "Realism").
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_DETAIL_TEMPERATURE = 1.0
 DEFAULT_CANDIDATES = 4
+DEFAULT_GUIDANCE = 1.0
 REFERENCE_IMAGES = 64  # data images whose nearest other data image sets the typical distance
 
 
@@ -108,6 +110,7 @@ class GenerationSettings:
     detail_temperature: float  # every finer level's
     class_name: str  # "any": drawn by the training class frequencies, per sample
     candidates: int  # drawn per kept sample, ranked by the critic
+    guidance: float = 1.0  # how closely each finer level follows the grid below (1: as trained)
 
 
 class Inpainting(NamedTuple):
@@ -320,12 +323,14 @@ class Studio:
         progress: Callable[[float], None] | None = None,
         detail_temperature: float | None = None,
         candidates: int = 1,
+        guidance: float = 1.0,
     ) -> list[Image.Image]:
         """n samples; ``temperature`` is the coarsest level's (the layout), ``detail_temperature``
         every finer level's (default: the same); ``candidates`` > 1 keeps the best-scored of that
-        many per sample (the stack's realism critic). Sample i is drawn with its own seed
-        (``seed + i``, or the i-th of a list), so it is the image that seed gives alone."""
-        settings = self.generation_settings(latent, temperature, class_name, detail_temperature, candidates)
+        many per sample (the stack's realism critic), and ``guidance`` sets how closely the finer
+        levels follow the layout (1: as trained). Sample i is drawn with its own seed (``seed + i``,
+        or the i-th of a list), so it is the image that seed gives alone."""
+        settings = self.generation_settings(latent, temperature, class_name, detail_temperature, candidates, guidance)
         return self.draw(settings, self.sample_seeds(n, seed), progress)
 
     @staticmethod
@@ -344,6 +349,7 @@ class Studio:
         class_name: str = "any",
         detail_temperature: float | None = None,
         candidates: int = 1,
+        guidance: float = 1.0,
     ) -> GenerationSettings:
         """Checked settings of a generation request (a StudioError names what is wrong)."""
         pair = self.pair(latent)
@@ -360,8 +366,12 @@ class Studio:
             raise StudioError(f"Candidates per sample must be between 1 and {MAX_CANDIDATES}.")
         if candidates > 1 and pair.critic is None:
             raise StudioError(f"Ranking candidates needs a realism critic (critic/) in {self.source}.")
+        if not 0.0 <= float(guidance) <= MAX_GUIDANCE:
+            raise StudioError(f"Layout guidance must be between 0 and {MAX_GUIDANCE:g}.")
         detail = temperature if detail_temperature is None else detail_temperature
-        return GenerationSettings(int(latent), float(temperature), float(detail), class_name, candidates)
+        return GenerationSettings(
+            int(latent), float(temperature), float(detail), class_name, candidates, float(guidance)
+        )
 
     @torch.no_grad()
     def draw(
@@ -372,12 +382,13 @@ class Studio:
         prior = pair.prior
         labels = prior.class_label(settings.class_name)
         temps = (settings.temperature, settings.detail_temperature)
+        guidance = settings.guidance
         if settings.candidates > 1:
             drawn = sample_ranked(
-                pair, len(seeds), settings.candidates, temperature=temps, seed=seeds, labels=labels, progress=progress
+                pair, len(seeds), settings.candidates, temps, seeds, labels, progress, guidance=guidance
             )
         else:
-            drawn = sample_stack(pair, len(seeds), temperature=temps, seed=seeds, labels=labels, progress=progress)
+            drawn = sample_stack(pair, len(seeds), temps, seeds, labels, progress, guidance=guidance)
         return [to_pil(img) for img in pair.vqvae.decode_codes(drawn.codes)]
 
     @torch.no_grad()
@@ -443,6 +454,7 @@ class Studio:
                 progress=_part(progress, start / len(trials), len(batch) / len(trials)),
                 detail_temperature=DEFAULT_DETAIL_TEMPERATURE,
                 candidates=candidates,
+                guidance=DEFAULT_GUIDANCE,
             )
             drawn |= {t.index: img for t, img in zip(batch, images, strict=True)}
         return drawn

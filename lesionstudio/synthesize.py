@@ -1,15 +1,16 @@
 """Write a labelled synthetic lesion data set with a record of how each image was made.
 
     python -m lesionstudio.synthesize --n 200 --out synth/ [--latent 64] [--class malignant]
-        [--temperature 1.0] [--detail-temperature T] [--candidates M] [--seed 0] [--batch-size 8]
+        [--temperature 1.0] [--detail-temperature T] [--candidates M] [--guidance W] [--seed 0]
+        [--batch-size 8]
         [--checkpoints DIR | --hub REPO]
 
 Writes ``synthetic_000000.png`` ... , ``metadata.csv`` (one row per image: class, latent size,
 temperatures, seeds, the models and the SHA-256 of their ``model.safetensors``, bits per code of
 the sampled codes under the stack (all levels together); for a stack of several levels also its
 coarser priors, which drew the layout; with a realism critic beside the checkpoints, each image's
-realism score and how many candidates it was chosen from) and a ``README.md`` saying the images
-are synthetic.
+realism score and how many candidates it was chosen from; the layout guidance) and a
+``README.md`` saying the images are synthetic.
 
 Image i is drawn with its own seed, derived from ``--seed`` and i, so it does not depend on
 which batch it fell in: re-running the same command skips the images that exist (an
@@ -55,7 +56,15 @@ REQUIRED = [
     "prior_sha256",
 ]
 # Empty for a plain prior or without a critic (and absent from folders made before them).
-OPTIONAL = ["coarse_prior", "coarse_prior_sha256", "detail_temperature", "candidates", "critic_sha256", "realism_score"]
+OPTIONAL = [
+    "coarse_prior",
+    "coarse_prior_sha256",
+    "detail_temperature",
+    "candidates",
+    "critic_sha256",
+    "realism_score",
+    "guidance",
+]
 COLUMNS = REQUIRED + OPTIONAL
 # Columns that must agree between the rows already in a folder and a new run.
 SETTINGS = [
@@ -69,9 +78,10 @@ SETTINGS = [
     "detail_temperature",
     "candidates",
     "critic_sha256",
+    "guidance",
 ]
 # What a folder made before a column existed holds for it (so it still resumes).
-DEFAULTS = {"detail_temperature": "", "candidates": "1", "critic_sha256": ""}
+DEFAULTS = {"detail_temperature": "", "candidates": "1", "critic_sha256": "", "guidance": "1.0"}
 METADATA = "metadata.csv"
 
 
@@ -146,6 +156,8 @@ def _coarse_line(settings: dict[str, str]) -> str:
             f"\n- each image the best of {settings['candidates']} candidates by the realism critic "
             f"(model.safetensors SHA-256 `{settings['critic_sha256']}`; score in `realism_score`)"
         )
+    if float(settings["guidance"]) != 1.0:
+        lines += f"\n- layout guidance {settings['guidance']}: the finer levels follow the layout more closely"
     return lines
 
 
@@ -162,11 +174,13 @@ def synthesize(
     show_progress: bool = True,
     detail_temperature: float | None = None,
     candidates: int = 1,
+    guidance: float = 1.0,
 ) -> list[dict[str, str]]:
     """Make images 0..n-1 in `out` that are not there yet; returns all n metadata rows.
 
     ``detail_temperature`` (default: ``temperature``) is that of every level but the coarsest;
-    with ``candidates`` > 1 each image is the best-scored of that many (the stack needs a critic)."""
+    with ``candidates`` > 1 each image is the best-scored of that many (the stack needs a critic);
+    ``guidance`` sets how closely the finer levels follow the layout (1: the priors as trained)."""
     prior, vq = pair.prior, pair.vqvae
     if prior is None:
         raise CheckpointError(f"no prior for the {pair.latent}x{pair.latent} grid in {pair.source}")
@@ -180,6 +194,8 @@ def synthesize(
         raise ValueError(f"--candidates must be at least 1, got {candidates}")
     if candidates > 1 and pair.critic is None:
         raise CheckpointError(f"--candidates {candidates} needs a realism critic (critic/) in {pair.source}")
+    if not guidance >= 0:
+        raise ValueError(f"--guidance must be non-negative, got {guidance}")
     fixed_label = prior.class_label(class_name)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -202,6 +218,7 @@ def synthesize(
         "detail_temperature": "" if detail_temperature is None else repr(float(detail_temperature)),
         "candidates": str(candidates),
         "critic_sha256": critic_sha256(pair),
+        "guidance": repr(float(guidance)),
     }
     rows = read_metadata(out / METADATA)
     for row in rows.values():
@@ -227,9 +244,9 @@ def synthesize(
         lab = None if labels is None else labels.to(device)
         temps = (temperature, temperature if detail_temperature is None else detail_temperature)
         if pair.critic is None:
-            drawn = sample_stack(pair, len(batch), temperature=temps, seed=seeds, labels=lab)
+            drawn = sample_stack(pair, len(batch), temps, seeds, lab, guidance=guidance)
         else:
-            drawn = sample_ranked(pair, len(batch), candidates, temperature=temps, seed=seeds, labels=lab)
+            drawn = sample_ranked(pair, len(batch), candidates, temps, seeds, lab, guidance=guidance)
         labels = drawn.labels
         bits = stack_nll_bits(pair, drawn.levels, labels).cpu()
         images = vq.decode_codes(drawn.codes).cpu()
@@ -269,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="keep the best of M candidates per image by the realism critic (needs critic/)",
     )
+    p.add_argument(
+        "--guidance", type=float, default=1.0, help="how closely the finer levels follow the layout (1: as trained)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="grids sampled together")
     src = p.add_mutually_exclusive_group()
@@ -294,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
             command=command,
             detail_temperature=args.detail_temperature,
             candidates=args.candidates,
+            guidance=args.guidance,
         )
     except (CheckpointError, ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from exc

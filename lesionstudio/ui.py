@@ -26,8 +26,10 @@ from .serving import SamplerWorker, TimingLog, request_workers
 from .studio import (
     DEFAULT_CANDIDATES,
     DEFAULT_DETAIL_TEMPERATURE,
+    DEFAULT_GUIDANCE,
     DEFAULT_TEMPERATURE,
     MAX_CANDIDATES,
+    MAX_GUIDANCE,
     MAX_SAMPLES,
     MAX_UPLOAD_BYTES,
     MAX_UPLOAD_PIXELS,
@@ -59,10 +61,10 @@ QUIZ_NEEDS_DATA = (
     "The reader study needs your own real images (none are shipped): start the app with "
     "`python app.py --data REAL_DIR`, and add `--quiz-log answers.csv` to keep every answer on the server."
 )
-GENERATE_EXAMPLES = [  # latent, layout T, samples, seed, class, detail T, candidates
-    ["64", 1.0, 4, 0, "any", 1.0, 4],
-    ["64", 0.9, 4, 1, "malignant", 1.0, 4],
-    ["32", 1.0, 4, 2, "benign", 1.0, 1],
+GENERATE_EXAMPLES = [  # latent, layout T, samples, seed, class, detail T, candidates, layout guidance
+    ["64", 1.0, 4, 0, "any", 1.0, 4, DEFAULT_GUIDANCE],
+    ["64", 0.9, 4, 1, "malignant", 1.0, 4, 2.0],
+    ["32", 1.0, 4, 2, "benign", 1.0, 1, 1.0],
 ]
 
 
@@ -188,11 +190,13 @@ def build(
         label: str,
         detail: float | None = None,
         candidates: float = 1,
+        guidance: float = 1.0,
         progress=gr.Progress(),
     ):
         began = time.perf_counter()
+        detail = None if detail is None else float(detail)
         settings = studio.generation_settings(
-            latent, float(temperature), label, None if detail is None else float(detail), int(candidates)
+            latent, float(temperature), label, detail, int(candidates), float(guidance)
         )
         out = sampler.generate(settings, studio.sample_seeds(int(n), int(seed)), lambda f, desc: progress(f, desc=desc))
         encoding = time.perf_counter()
@@ -302,6 +306,13 @@ def build(
                         label="Candidates per sample (the critic keeps the most real-looking)",
                         visible=studio.has_critic,
                     )
+                    g_guidance = gr.Slider(
+                        0.0,
+                        MAX_GUIDANCE,
+                        value=DEFAULT_GUIDANCE,
+                        step=0.25,
+                        label="Layout guidance (how closely finer grids follow the layout; 1 = as trained)",
+                    )
                     g_n = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="Number of samples")
                     g_seed = gr.Number(value=0, precision=0, label="Seed")
                     g_class = gr.Dropdown(studio.class_choices(default_latent), value="any", label="Class")
@@ -319,7 +330,7 @@ def build(
                         visible=bool(studio.data_files),
                         elem_id="nearest",
                     )
-            g_inputs = [g_latent, g_temp, g_n, g_seed, g_class, g_detail, g_cand]
+            g_inputs = [g_latent, g_temp, g_n, g_seed, g_class, g_detail, g_cand, g_guidance]
             runnable = [e for e in GENERATE_EXAMPLES if e[0] in latents and (studio.has_critic or e[6] == 1)]
             if runnable:
                 gr.Examples(

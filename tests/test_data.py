@@ -136,3 +136,13 @@ def test_real_isic_sample_with_manifest():
     x, _ = ds[0]
     assert x.shape == (3, 256, 256) and x.min() == 0 and x.max() == 1
     assert Image.open(ds.files[0]).size == (256, 256)
+
+
+def test_to_pil_rounds_to_the_nearest_level():
+    # Truncating (as torchvision's to_pil_image does for floats) would save every image half a
+    # level darker than it is: a tell between saved samples and real images for a critic.
+    from lesionstudio.data import to_pil
+
+    levels = torch.tensor([0.0, 0.999, 1.6, 127.5, 254.6, 255.0]) / 255
+    img = to_pil(levels.view(1, 1, -1).expand(3, 1, -1).contiguous())
+    assert [pixel[0] for pixel in img.getdata()] == [0, 1, 2, 128, 255, 255]
