@@ -16,8 +16,8 @@ per-sample seeds, candidate j of seed s with ``s + j * CANDIDATE_SEED_OFFSET``, 
 the sample drawn without ranking and a sample depends on its own seed alone.
 
 Layout guidance (``guidance``; 1 = the priors as trained) scales what each finer level's prior
-takes from the grid below it (``GatedPixelCNN.coarse_features``): above 1, a sample keeps the
-lesion and border its 16x16 layout drew, where the 32x32 prior as trained lets them fade.
+takes from the grid below it (``GatedPixelCNN.coarse_features``): above 1 the finer levels
+follow the layout more closely, 0 ignores it (README, "Realism", for what that does to realism).
 """
 
 from __future__ import annotations
