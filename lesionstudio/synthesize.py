@@ -194,8 +194,8 @@ def synthesize(
         raise ValueError(f"--candidates must be at least 1, got {candidates}")
     if candidates > 1 and pair.critic is None:
         raise CheckpointError(f"--candidates {candidates} needs a realism critic (critic/) in {pair.source}")
-    if not guidance >= 0:
-        raise ValueError(f"--guidance must be non-negative, got {guidance}")
+    if not 0 <= guidance < float("inf"):
+        raise ValueError(f"--guidance must be a finite non-negative number, got {guidance}")
     fixed_label = prior.class_label(class_name)
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -99,5 +99,6 @@ def test_studio_and_synthesize_take_guidance(stack_dir: Path, tmp_path: Path):
     assert "layout guidance 2.0" in (tmp_path / "s" / "README.md").read_text()
     with pytest.raises(ValueError, match="guidance"):  # a folder made with other settings is refused
         synthesize(tmp_path / "s", 3, stack, batch_size=2, show_progress=False)
-    with pytest.raises(ValueError, match="non-negative"):
-        synthesize(tmp_path / "t", 1, stack, show_progress=False, guidance=-1.0)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="finite non-negative"):
+            synthesize(tmp_path / "t", 1, stack, show_progress=False, guidance=bad)
