@@ -87,6 +87,23 @@ def make_pair(root: Path, latent: int, num_codes: int = 16, prior_codes: int | N
 
 
 @pytest.fixture
+def stack_with_critic(tmp_path: Path) -> Path:
+    """A tiny 16 -> 32 stack (random condition weights, so the coarse codes matter) with a
+    realism critic whose scores are spread, so a ranking has something to rank."""
+    from lesionstudio.critic import RealismCritic
+
+    root = tmp_path / "ckpts"
+    make_pair(root, 16)
+    make_pair(root, 32, coarse=16)
+    torch.manual_seed(0)
+    critic = RealismCritic(channels=4)
+    for p in critic.parameters():
+        p.data.normal_(0, 0.5)
+    critic.save_pretrained(root / "critic")
+    return root
+
+
+@pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """16 lesion images (64 px), half benign and half malignant in labels.csv beside them."""
     folder = tmp_path / "images"

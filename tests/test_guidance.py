@@ -6,30 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_pair
 
 from lesionstudio import loading
-from lesionstudio.critic import RealismCritic
 from lesionstudio.sampling import inpaint, sample
 from lesionstudio.stack import inpaint_stack, level_seed, sample_ranked, sample_stack
 
 
-@pytest.fixture
-def stack_dir(tmp_path: Path) -> Path:
-    """A 16 -> 32 stack (random condition weights, so the coarse codes matter) with a critic."""
-    root = tmp_path / "ckpts"
-    make_pair(root, 16)
-    make_pair(root, 32, coarse=16)
-    torch.manual_seed(0)
-    critic = RealismCritic(channels=4)
-    for p in critic.parameters():  # spread the scores, so the ranking has something to rank
-        p.data.normal_(0, 0.5)
-    critic.save_pretrained(root / "critic")
-    return root
-
-
-def test_guidance_scales_how_much_the_coarse_grid_matters(stack_dir: Path):
-    prior = loading.load_stack(32, stack_dir).checked_prior()
+def test_guidance_scales_how_much_the_coarse_grid_matters(stack_with_critic: Path):
+    prior = loading.load_stack(32, stack_with_critic).checked_prior()
     a, b = torch.zeros(2, 16, 16, dtype=torch.long), torch.full((2, 16, 16), 7, dtype=torch.long)
     draw = {"seed": [1, 2], "labels": [0, 1]}
     # Guidance 0 ignores the coarse grid; 1 is the prior as trained.
@@ -49,16 +33,16 @@ def test_guidance_scales_how_much_the_coarse_grid_matters(stack_dir: Path):
     )
 
 
-def test_guidance_needs_a_coarse_grid_to_scale(stack_dir: Path):
-    plain = loading.load_stack(16, stack_dir).checked_prior()
+def test_guidance_needs_a_coarse_grid_to_scale(stack_with_critic: Path):
+    plain = loading.load_stack(16, stack_with_critic).checked_prior()
     with pytest.raises(ValueError, match="not conditioned on a coarse grid"):
         plain.coarse_features(torch.zeros(1, 8, 8, dtype=torch.long), (16, 16))
     # A plain prior (the coarsest level) draws the same at any guidance: it has nothing to follow.
     assert torch.equal(sample(plain, 2, seed=3, guidance=3.0), sample(plain, 2, seed=3))
 
 
-def test_a_stack_draws_and_inpaints_every_finer_level_with_guidance(stack_dir: Path):
-    stack = loading.load_stack(32, stack_dir)
+def test_a_stack_draws_and_inpaints_every_finer_level_with_guidance(stack_with_critic: Path):
+    stack = loading.load_stack(32, stack_with_critic)
     guided = sample_stack(stack, 2, seed=[3, 4], labels=[0, 1], guidance=2.0)
     plain = sample_stack(stack, 2, seed=[3, 4], labels=[0, 1])
     assert torch.equal(guided.levels[0], plain.levels[0]), "the layout is drawn the same"
@@ -80,11 +64,11 @@ def test_a_stack_draws_and_inpaints_every_finer_level_with_guidance(stack_dir: P
     assert torch.equal(one[0][~mask], codes[1][~mask])
 
 
-def test_studio_and_synthesize_take_guidance(stack_dir: Path, tmp_path: Path):
+def test_studio_and_synthesize_take_guidance(stack_with_critic: Path, tmp_path: Path):
     from lesionstudio.studio import MAX_GUIDANCE, Studio, StudioError
     from lesionstudio.synthesize import synthesize
 
-    studio = Studio(stack_dir)
+    studio = Studio(stack_with_critic)
     settings = studio.generation_settings(32, 1.0, "any", None, 1, 2.0)
     assert settings.guidance == 2.0
     a = studio.generate(32, n=2, seed=4, guidance=2.0)
@@ -93,7 +77,7 @@ def test_studio_and_synthesize_take_guidance(stack_dir: Path, tmp_path: Path):
     with pytest.raises(StudioError, match="Layout guidance"):
         studio.generate(32, n=1, guidance=MAX_GUIDANCE + 1)
 
-    stack = loading.load_stack(32, stack_dir)
+    stack = loading.load_stack(32, stack_with_critic)
     rows = synthesize(tmp_path / "s", 2, stack, batch_size=2, show_progress=False, guidance=2.0)
     assert all(r["guidance"] == "2.0" for r in rows)
     assert "layout guidance 2.0" in (tmp_path / "s" / "README.md").read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import lesion_image, make_pair, run_module, write_images
+from conftest import lesion_image, run_module, write_images
 
 from lesionstudio import loading
 from lesionstudio.critic import FitSettings, RealismCritic
@@ -51,19 +51,6 @@ def test_critic_judges_layout_and_texture_and_checks_its_input():
     assert critic.crop_corners(64, 64) == [(0, 0), (0, 32), (32, 0), (32, 32)]
     with pytest.raises(ValueError, match="sides of at least 32"):
         critic(torch.rand(1, 3, 16, 16))
-
-
-@pytest.fixture
-def stack_with_critic(tmp_path: Path) -> Path:
-    root = tmp_path / "ckpts"
-    make_pair(root, 16)
-    make_pair(root, 32, coarse=16)
-    torch.manual_seed(0)
-    critic = RealismCritic(channels=4)
-    for p in critic.parameters():  # spread the scores, so the ranking has something to rank
-        p.data.normal_(0, 0.5)
-    critic.save_pretrained(root / "critic")
-    return root
 
 
 def test_ranking_keeps_the_best_scored_candidate_of_each_sample(stack_with_critic: Path):
