@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
         studio.preload()
     except (StudioError, CheckpointError, SpaceConfigError, ReaderStudyError, OSError, ValueError) as exc:
         sys.exit(f"error: {exc}")
+    # A container's stop (SIGTERM) exits like Ctrl-C, through the exit handlers that also stop the
+    # sampler process.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(examples_cache(studio)))
     demo = build(studio, example_images(args.examples), quiz_log=args.quiz_log, timings=TimingLog(args.timings))
     demo.launch(

@@ -7,8 +7,9 @@ Starts ``python app.py`` (of this checkout, or of ``--root``, to measure another
 same machine) on a free loopback port. First, on the idle app, one generate and one reconstruct
 request alone (the idle times); then the clients for a bounded time, each keeping its role and
 waiting for its answer before sending the next request. Prints requests served, errors, p50/p95/max
-latency per endpoint with their ratios to the idle times, the app's peak resident memory (VmHWM),
-and, where the app writes ``--timings``, where a request's time went.
+latency per endpoint with their ratios to the idle times, the app's peak memory (its sampler
+process included: summed PSS and resident sets, sampled), and, where the app writes
+``--timings``, where a request's time went.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import psutil
 from gradio_client import Client, handle_file
 from PIL import Image
 
@@ -47,7 +50,36 @@ def lesion(path: Path, seed: int) -> None:
     Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
 
 
+class MemoryWatch:
+    """Peak memory of the app and its child processes (the sampler's), sampled every ``every``
+    seconds: the sum of their resident sets (shared pages counted in each) and of their
+    proportional sets (PSS: a page shared by k processes counts 1/k in each)."""
+
+    def __init__(self, pid: int, every: float = 0.25) -> None:
+        self.app, self.every = psutil.Process(pid), every
+        self.peak_rss = self.peak_pss = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every):
+            rss = pss = 0
+            for proc in [self.app, *self.app.children(recursive=True)]:
+                try:
+                    info = proc.memory_full_info()
+                except psutil.Error:  # a child that just exited
+                    continue
+                rss, pss = rss + info.rss, pss + info.pss
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss / 2**20), max(self.peak_pss, pss / 2**20)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def peak_rss_mib(pid: int) -> float:
+    """The app process's own peak resident set (VmHWM), children not included."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -55,9 +87,16 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU seconds a process has used so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds the app and its live child processes have used so far (all their threads)."""
+    app = psutil.Process(pid)
+    total = 0.0
+    for proc in [app, *app.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def free_port() -> int:
@@ -87,35 +126,55 @@ def start_app(root: Path, port: int, checkpoints: str | None, timings: Path) -> 
 
 
 class Requests:
-    """The two requests the clients send, with the Generate tab's defaults."""
+    """The two requests the clients send, with the Generate tab's defaults. Each fetches the
+    result files as a browser would (one plain GET each): gradio_client's own downloads cost the
+    client more CPU than the server spends on a reconstruct, on the machine the app shares."""
 
     def __init__(self, latent: str, uploads: list[str], candidates: int) -> None:
         self.latent, self.uploads, self.candidates = latent, uploads, candidates
 
     def generate(self, client: Client, rng: random.Random) -> None:
-        client.predict(
-            self.latent,
-            DEFAULT_TEMPERATURE,
-            1,
-            rng.randrange(10**6),
-            "any",
-            DEFAULT_DETAIL_TEMPERATURE,
-            self.candidates,
-            api_name="/generate",
+        fetch_files(
+            client.predict(
+                self.latent,
+                DEFAULT_TEMPERATURE,
+                1,
+                rng.randrange(10**6),
+                "any",
+                DEFAULT_DETAIL_TEMPERATURE,
+                self.candidates,
+                api_name="/generate",
+            )
         )
 
     def reconstruct(self, client: Client, rng: random.Random) -> None:
-        client.predict(handle_file(rng.choice(self.uploads)), self.latent, api_name="/reconstruct")
+        fetch_files(client.predict(handle_file(rng.choice(self.uploads)), self.latent, api_name="/reconstruct"))
+
+
+def new_client(url: str) -> Client:
+    return Client(url, verbose=False, download_files=False)
+
+
+def fetch_files(result: Any) -> int:
+    """GET every file a result names (nested lists, tuples and dicts); returns the bytes read."""
+    if isinstance(result, dict):
+        if isinstance(result.get("url"), str):
+            with urllib.request.urlopen(result["url"], timeout=60) as r:
+                return len(r.read())
+        return sum(fetch_files(v) for v in result.values())
+    if isinstance(result, list | tuple):
+        return sum(fetch_files(v) for v in result)
+    return 0
 
 
 def idle_times(url: str, requests: Requests) -> dict[str, float]:
     """Each request alone on the idle app, after one warm-up: best of two."""
-    client, rng, out = Client(url, verbose=False), random.Random(-1), {}
+    c, rng, out = new_client(url), random.Random(-1), {}
     for op in ("generate", "reconstruct"):
         times = []
         for _ in range(3):
             t = time.perf_counter()
-            getattr(requests, op)(client, rng)
+            getattr(requests, op)(c, rng)
             times.append(time.perf_counter() - t)
         out[op] = min(times[1:])
     return out
@@ -131,7 +190,7 @@ def run_clients(url: str, requests: Requests, clients: int, generating: int, sec
         rng = random.Random(k)
         role = "generate" if k < generating else "reconstruct"
         try:
-            client = Client(url, verbose=False)
+            c = new_client(url)
         except Exception as exc:  # a client that cannot connect counts as an error
             with lock:
                 errors.append(f"connect: {exc}")
@@ -140,7 +199,7 @@ def run_clients(url: str, requests: Requests, clients: int, generating: int, sec
             op = ("generate" if rng.random() < generating / clients else "reconstruct") if mixed else role
             t = time.perf_counter()
             try:
-                getattr(requests, op)(client, rng)
+                getattr(requests, op)(c, rng)
                 with lock:
                     latencies[op].append(time.perf_counter() - t)
             except Exception as exc:  # every failure counts as an error
@@ -217,6 +276,7 @@ def main() -> None:
     # lets the app have the cores it can use; the clients' share is printed.
     os.nice(args.client_nice)
     url = f"http://127.0.0.1:{port}/"
+    memory = MemoryWatch(app.pid)
     try:
         idle = idle_times(url, requests)
         skip = len(timings.read_text().splitlines()) if timings.exists() else 0
@@ -242,12 +302,18 @@ def main() -> None:
                     f"({quantile(values, 0.5) / idle[op]:4.1f}x)  p95 {quantile(values, 0.95):6.2f} s "
                     f"({quantile(values, 0.95) / idle[op]:4.1f}x)  max {max(values):6.2f} s"
                 )
-        print(f"app peak resident memory: {peak_rss_mib(app.pid):.0f} MiB")
+        memory.stop()
+        processes = 1 + len(psutil.Process(app.pid).children(recursive=True))
+        print(
+            f"app peak memory ({processes} process{'es' if processes > 1 else ''}): PSS {memory.peak_pss:.0f} MiB, "
+            f"resident {memory.peak_rss:.0f} MiB summed; the app process alone {peak_rss_mib(app.pid):.0f} MiB (VmHWM)"
+        )
         print("where the time went (means under load):")
         print("\n".join(breakdown(timings, latencies, skip)))
         print(
             f"cores busy during the load (of {os.cpu_count()}): the app {app_cores:.2f}, "
-            f"the benchmark's clients {client_cores:.2f}"
+            f"the benchmark's clients {client_cores:.2f}; CPU seconds per request served: the app "
+            f"{app_cores * elapsed / max(served, 1):.2f}, the clients {client_cores * elapsed / max(served, 1):.2f}"
         )
         for e in errors[:5]:
             print("error:", e)

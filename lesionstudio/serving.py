@@ -1,31 +1,44 @@
 """Sampler work for many users at once.
 
-One worker thread runs every sampler job (generation, inpainting, a reader study's draw), one at
-a time, in the order they arrive. Generation requests waiting together with the same settings
-are drawn as one batch: a batch costs far less than its samples drawn one by one, and since each
-sample is drawn with its own seed, every request still gets exactly its own images.
+One worker runs every sampler job (generation, inpainting, a reader study's draw), one at a time,
+in the order they arrive. Generation requests waiting together with the same settings are drawn
+as one batch: a batch costs far less than its samples drawn one by one, and since each sample is
+drawn with its own seed, every request still gets exactly its own images.
 
-The torch thread budget is set once, at start-up (:func:`set_thread_budget`), never around a
-request: the setting is process-wide, and threads first used while it was changed would keep it.
+The worker is a process of its own, forked from the app once the default models are loaded (so
+it shares their memory): the sampler's per-code loop is Python, and in the app's process it would
+hold the interpreter lock that Gradio and every other request need. Jobs reach it as a Studio
+method's name and arguments over a pipe; progress, results and errors come back the same way.
+It runs on one torch thread: the per-code products gain nothing from more, and a process forked
+after OpenMP has run must not start more threads (libgomp hangs). Where fork is unavailable
+(macOS, Windows) the worker is a thread of the app's process instead, with the same queue.
+
+The app's torch thread budget is set once, at start-up (:func:`set_thread_budget`), never around
+a request: the setting is process-wide, and threads first used while it was changed would keep it.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import pickle
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from .studio import GenerationSettings, Studio
+from .studio import GenerationSettings, Studio, StudioError
 
 Progress = Callable[[float, str], None]
 # Samples x candidates drawn in one merged batch: larger batches save little time per sample and
@@ -51,13 +64,17 @@ def request_workers(cores: int | None = None) -> int:
     return max(1, cores // max(1, cores // 2) - 1)
 
 
+class SamplerError(StudioError):
+    """The sampler process stopped while it drew a request (it is restarted for the next one)."""
+
+
 @dataclass
 class Timing:
     """Where a sampler job's time went (seconds)."""
 
     waited: float = 0.0  # queued behind other sampler jobs
     ran: float = 0.0  # its batch's drawing and decoding
-    cpu: float = 0.0  # CPU time the worker thread got while it ran (ran - cpu: waiting for a core)
+    cpu: float = 0.0  # CPU time the worker got while it ran (ran - cpu: waiting for a core)
     batch: int = 1  # requests drawn together
 
 
@@ -69,8 +86,10 @@ class Generated:
 
 @dataclass
 class _Job:
-    work: Callable[[Callable[[float], None]], Any] | None  # a plain job, given its progress callback
-    settings: GenerationSettings | None = None  # or a generation request
+    method: str  # the Studio method the worker runs
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    settings: GenerationSettings | None = None  # a generation request (mergeable with others)
     seeds: list[int] = field(default_factory=list)
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
@@ -83,25 +102,62 @@ class _Job:
         return len(self.seeds) * (self.settings.candidates if self.settings else 1)
 
 
-class SamplerWorker:
-    """The one queue for sampler work (see the module docstring)."""
+# What passes over the pipe: a task one way; progress, then a result or an error, the other.
+@dataclass
+class _Task:
+    method: str
+    args: tuple
+    kwargs: dict
 
-    def __init__(self, studio: Studio, max_batch_draws: int = MAX_BATCH_DRAWS) -> None:
+
+@dataclass
+class _Progress:
+    fraction: float
+
+
+@dataclass
+class _Done:
+    result: Any
+    cpu: float
+
+
+@dataclass
+class _Failed:
+    error: Exception
+
+
+class SamplerWorker:
+    """The one queue for sampler work (see the module docstring). ``process=None`` chooses a
+    process where fork is available; False keeps the worker in this process (a thread)."""
+
+    def __init__(self, studio: Studio, max_batch_draws: int = MAX_BATCH_DRAWS, process: bool | None = None) -> None:
         self.studio = studio
         self.max_batch_draws = max_batch_draws
+        self.process = can_fork() if process is None else process
+        if self.process and not can_fork():
+            raise RuntimeError("a sampler process needs the fork start method (Linux)")
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._held: list[_Job] = []  # taken from the queue but not mergeable into the last batch
+        self._conn: Connection | None = None
+        self._child: BaseProcess | threading.Thread | None = None
+        self._start_child()
         self._thread = threading.Thread(target=self._loop, name="lesionstudio-sampler", daemon=True)
         self._thread.start()
 
+    @property
+    def pid(self) -> int:
+        """The process the sampler runs in (this one when it is a thread)."""
+        return self._child.pid if isinstance(self._child, BaseProcess) and self._child.pid else os.getpid()
+
     def generate(self, settings: GenerationSettings, seeds: list[int], progress: Progress | None = None) -> Generated:
         """One image per seed, drawn by the worker (perhaps in a batch with other requests)."""
-        job = _Job(None, settings, list(seeds))
+        job = _Job("draw", settings=settings, seeds=list(seeds))
         return Generated(self._submit(job, progress), job.timing)
 
-    def call(self, work: Callable[[Callable[[float], None]], Any], progress: Progress | None = None) -> Any:
-        """Run ``work(progress)`` on the worker, after the jobs already queued."""
-        return self._submit(_Job(work), progress)
+    def call(self, method: str, *args: Any, progress: Progress | None = None, **kwargs: Any) -> Any:
+        """``studio.<method>(*args, progress=..., **kwargs)`` on the worker, after the jobs already
+        queued (arguments and result must pickle)."""
+        return self._submit(_Job(method, args, kwargs), progress)
 
     def waiting(self) -> int:
         return self._queue.qsize() + len(self._held)
@@ -117,21 +173,34 @@ class SamplerWorker:
                     waiting = f"waiting for the sampler ({n} request{'s' if n != 1 else ''} waiting)"
                     progress(job.progress, "sampling codes" if job.started else waiting)
 
+    def _start_child(self) -> None:
+        ours, theirs = multiprocessing.Pipe()
+        if self.process:
+            child: BaseProcess | threading.Thread = multiprocessing.get_context("fork").Process(
+                target=_serve_in_process, args=(theirs, ours, self.studio), name="lesionstudio-sampler", daemon=True
+            )
+        else:
+            child = threading.Thread(target=_serve, args=(theirs, self.studio, time.thread_time), daemon=True)
+        child.start()
+        if self.process:
+            theirs.close()  # the child's end lives in the child: its exit then reads as EOF here
+        self._conn, self._child = ours, child
+
     def _loop(self) -> None:
         while True:
             jobs = self._next_batch()
-            started, cpu = time.perf_counter(), time.thread_time()
+            started = time.perf_counter()
             for job in jobs:
                 job.started = True
                 job.timing.waited = started - job.submitted
                 job.timing.batch = len(jobs)
             try:
-                results = self._run(jobs)
+                results, cpu = self._run(jobs)
             except Exception as exc:  # handed to every waiting request, which raises it
                 for job in jobs:
                     job.future.set_exception(exc)
                 continue
-            ran, cpu = time.perf_counter() - started, time.thread_time() - cpu
+            ran = time.perf_counter() - started
             for job, result in zip(jobs, results, strict=True):
                 job.timing.ran, job.timing.cpu = ran, cpu
                 job.future.set_result(result)
@@ -157,30 +226,117 @@ class SamplerWorker:
         self._held = rest
         return batch
 
-    def _run(self, jobs: list[_Job]) -> list[Any]:
+    def _run(self, jobs: list[_Job]) -> tuple[list[Any], float]:
+        """Each job's result (a merged draw split back by request) and the worker's CPU seconds."""
         first = jobs[0]
-        if first.work is not None:
-            return [first.work(_progress_of(jobs))]
+        if first.settings is None:
+            done = self._ask(_Task(first.method, first.args, first.kwargs), jobs)
+            return [done.result], done.cpu
         seeds = [s for job in jobs for s in job.seeds]
-        images = self.studio.draw(first.settings, seeds, _progress_of(jobs))
+        done = self._ask(_Task("draw", (first.settings, seeds), {}), jobs)
         out, start = [], 0
         for job in jobs:
-            out.append(images[start : start + len(job.seeds)])
+            out.append(done.result[start : start + len(job.seeds)])
             start += len(job.seeds)
-        return out
+        return out, done.cpu
+
+    def _ask(self, task: _Task, jobs: list[_Job]) -> _Done:
+        """Send the worker a task and relay its progress to the jobs until it answers."""
+        if isinstance(self._child, BaseProcess) and not self._child.is_alive():
+            self._restart()  # it died between jobs: nobody was waiting on it
+        assert self._conn is not None
+        try:
+            self._conn.send(task)
+            while True:
+                message = self._conn.recv()
+                if isinstance(message, _Progress):
+                    for job in jobs:
+                        job.progress = message.fraction
+                elif isinstance(message, _Failed):
+                    raise message.error
+                else:
+                    return message
+        except (EOFError, OSError) as exc:  # the process died (killed, out of memory)
+            self._restart()
+            raise SamplerError(
+                "The sampler stopped while drawing this request and has been restarted; please try again."
+            ) from exc
+
+    def _restart(self) -> None:
+        if isinstance(self._child, BaseProcess):
+            self._child.join(timeout=5)
+        if self._conn is not None:
+            self._conn.close()
+        self._start_child()
+
+
+def can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def _serve_in_process(conn: Connection, app_end: Connection, studio: Studio) -> None:
+    """The sampler process: set up as the module docstring says, then serve."""
+    app_end.close()  # else the pipe would never read as closed here when the app goes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the app, which closes the pipe
+    torch.set_num_threads(1)
+    studio.forked()
+    _serve(conn, studio, time.process_time)
+
+
+def _serve(conn: Connection, studio: Studio, clock: Callable[[], float]) -> None:
+    """The worker's side: run each task it is sent, reporting progress, until the pipe closes."""
+    while True:
+        try:
+            task: _Task = conn.recv()
+        except (EOFError, OSError):
+            return
+        cpu = clock()
+        try:
+            result = getattr(studio, task.method)(*task.args, progress=_reporter(conn), **task.kwargs)
+            reply: _Done | _Failed = _Done(result, 0.0)
+        except Exception as exc:  # the caller raises it
+            reply = _Failed(_travelling(exc))
+        if isinstance(reply, _Done):
+            reply.cpu = clock() - cpu
+        try:
+            _reply(conn, reply)
+        except OSError:  # the app has gone
+            return
+
+
+def _travelling(exc: Exception) -> Exception:
+    """The error itself if it survives the pipe (it pickles and unpickles), else its message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _reply(conn: Connection, reply: _Done | _Failed) -> None:
+    try:
+        conn.send(reply)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:  # a result or error that cannot travel
+        conn.send(_Failed(RuntimeError(f"the sampler's answer could not be sent back: {exc}")))
+
+
+def _reporter(conn: Connection, every: float = 0.1) -> Callable[[float], None]:
+    """A progress callback that sends the fraction done, at most every ``every`` seconds."""
+    last = 0.0
+
+    def report(fraction: float) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= every:
+            last = now
+            conn.send(_Progress(fraction))
+
+    return report
 
 
 def _overtakes(rest: list[_Job]) -> bool:
     """A plain job (inpaint, reader study) left waiting is not overtaken by later generations."""
     return any(job.settings is None for job in rest)
-
-
-def _progress_of(jobs: list[_Job]) -> Callable[[float], None]:
-    def report(fraction: float) -> None:
-        for job in jobs:
-            job.progress = fraction
-
-    return report
 
 
 class TimingLog:

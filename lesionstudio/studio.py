@@ -154,6 +154,12 @@ class Studio:
         """The grid the tabs start on: 64 where it exists (the most detailed shipped stack)."""
         return 64 if 64 in self.latents else self.latents[0]
 
+    def forked(self) -> None:
+        """Fresh locks for a forked copy of the studio (the sampler process): a lock that another
+        thread held at the fork would never be released in the copy."""
+        self._lock = threading.Lock()
+        self._index_lock = threading.Lock()
+
     def preload(self) -> None:
         """Load the default stack now, so the first request does not pay for it."""
         self.pair(self.default_latent)

@@ -229,8 +229,14 @@ def build(
     def inpaint(editor: dict | None, latent: str, temperature: float, n: float, seed: float, progress=gr.Progress()):
         background, layers = _editor_parts(editor)
         out = sampler.call(
-            lambda p: studio.inpaint(background, layers, latent, int(n), float(temperature), int(seed), progress=p),
-            lambda f, desc: progress(f, desc=desc),
+            "inpaint",
+            background,
+            layers,
+            latent,
+            int(n),
+            float(temperature),
+            int(seed),
+            progress=lambda f, desc: progress(f, desc=desc),
         )
         info = {"codes_resampled": int(out.code_mask.sum()), "grid": int(latent), "variants": len(out.variants)}
         return files.png(out.original), [files.png(v) for v in out.variants], info
@@ -445,9 +451,7 @@ def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None, sampler:
         # Synthetic images are drawn before the study starts: drawing one while the reader waits
         # would take seconds where a real one appears at once, and give the answer away.
         synthetic = [t for t in q.session.trials if t.real_path is None]
-        q.drawn = sampler.call(
-            lambda p: studio.quiz_synthetic_images(synthetic, p), lambda f, desc: progress(f, desc=desc)
-        )
+        q.drawn = sampler.call("quiz_synthetic_images", synthetic, progress=lambda f, desc: progress(f, desc=desc))
         return q, *shown(q), gr.update(visible=True), "", None
 
     @user_errors

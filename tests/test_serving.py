@@ -1,8 +1,12 @@
 """The sampler worker: one job at a time, waiting generations merged into a batch, each request
-still given exactly its own seeds' images; the thread budget set once."""
+still given exactly its own seeds' images, in a process of its own (or a thread); the thread
+budget set once."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -12,7 +16,13 @@ import pytest
 import torch
 from conftest import make_pair
 
-from lesionstudio.serving import SamplerWorker, TimingLog, request_workers, set_thread_budget
+from lesionstudio.serving import (
+    SamplerError,
+    SamplerWorker,
+    TimingLog,
+    request_workers,
+    set_thread_budget,
+)
 from lesionstudio.studio import Studio, StudioError
 
 
@@ -27,18 +37,62 @@ def arrays(images) -> list[np.ndarray]:
     return [np.asarray(img) for img in images]
 
 
-def hold(worker: SamplerWorker) -> tuple[threading.Event, threading.Thread]:
-    """Keep the worker busy with a plain job until the returned event is set."""
-    started, release = threading.Event(), threading.Event()
+FORK = multiprocessing.get_context("fork")
 
-    def blocker(progress):
-        started.set()
-        release.wait(30)
 
-    thread = threading.Thread(target=worker.call, args=(blocker,))
+class Harness:
+    """The studio as the worker sees it, with jobs for the tests: hold the worker, note the order
+    of batches and jobs, fail, say where it runs. Its events and its record live in whichever
+    process the worker runs in (events made before the fork work in both)."""
+
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
+        self.started, self.release = FORK.Event(), FORK.Event()
+        self.order: list = []
+
+    def __getattr__(self, name):
+        return getattr(self.studio, name)
+
+    def draw(self, settings, seeds, progress=None):
+        self.order.append(list(seeds))
+        return self.studio.draw(settings, seeds, progress)
+
+    def block(self, progress=None):
+        self.started.set()
+        self.release.wait(30)
+
+    def nap(self, seconds: float, progress=None):
+        self.started.set()
+        time.sleep(seconds)
+
+    def note(self, label: str, progress=None):
+        self.order.append(label)
+
+    def recorded(self, progress=None) -> list:
+        return self.order
+
+    def fail(self, progress=None):
+        raise StudioError("no such thing")
+
+    def whereabouts(self, progress=None) -> tuple[int, int]:
+        return os.getpid(), torch.get_num_threads()
+
+
+@pytest.fixture(params=[False, True], ids=["thread", "process"])
+def worker(request, studio: Studio) -> SamplerWorker:
+    """A worker in this process and one in a process of its own: the same queue either way."""
+    return SamplerWorker(Harness(studio), process=request.param)
+
+
+def hold(worker: SamplerWorker) -> threading.Thread:
+    """Keep the worker busy with a plain job until ``worker.studio.release`` is set."""
+    harness = worker.studio
+    harness.started.clear()
+    harness.release.clear()
+    thread = threading.Thread(target=worker.call, args=("block",))
     thread.start()
-    assert started.wait(30)
-    return release, thread
+    assert harness.started.wait(30)
+    return thread
 
 
 def in_threads(calls) -> list:
@@ -59,13 +113,12 @@ def in_threads(calls) -> list:
     return threads, results
 
 
-def test_waiting_generations_are_one_batch_and_each_gets_its_own_images(studio: Studio):
-    worker = SamplerWorker(studio)
+def test_waiting_generations_are_one_batch_and_each_gets_its_own_images(studio: Studio, worker: SamplerWorker):
     settings = studio.generation_settings(32, 1.0, "any")
     requests = [[5], [9, 10], [100]]
-    release, blocker = hold(worker)
+    blocker = hold(worker)
     threads, results = in_threads([lambda s=s: worker.generate(settings, s) for s in requests])
-    release.set()
+    worker.studio.release.set()
     for t in [blocker, *threads]:
         t.join(60)
     for seeds, out in zip(requests, results, strict=True):
@@ -76,74 +129,82 @@ def test_waiting_generations_are_one_batch_and_each_gets_its_own_images(studio: 
             np.testing.assert_array_equal(got, want)
 
 
-class Recording:
-    """The studio, noting the seeds of each batch it draws."""
-
-    def __init__(self, studio: Studio, order: list) -> None:
-        self.studio, self.order = studio, order
-
-    def draw(self, settings, seeds, progress=None):
-        self.order.append(list(seeds))
-        return self.studio.draw(settings, seeds, progress)
-
-
-def test_other_settings_wait_for_their_own_batch_and_plain_jobs_keep_their_turn(studio: Studio):
-    order: list = []
-    worker = SamplerWorker(Recording(studio, order))
+def test_other_settings_wait_for_their_own_batch_and_plain_jobs_keep_their_turn(studio: Studio, worker: SamplerWorker):
     any_class = studio.generation_settings(32, 1.0, "any")
     benign = studio.generation_settings(32, 1.0, "benign")
-    release, blocker = hold(worker)
+    blocker = hold(worker)
     threads, results = in_threads(
         [
             lambda: worker.generate(any_class, [1]),
             lambda: worker.generate(benign, [2]),
             lambda: worker.generate(any_class, [3]),  # joins the first: same settings, nothing plain between
-            lambda: worker.call(lambda p: order.append("plain")),
+            lambda: worker.call("note", "plain"),
             lambda: worker.generate(any_class, [4]),  # may not overtake the plain job
         ]
     )
-    release.set()
+    worker.studio.release.set()
     for t in [blocker, *threads]:
         t.join(60)
-    assert order == [[1, 3], [2], "plain", [4]]
+    assert worker.call("recorded") == [[1, 3], [2], "plain", [4]]
     assert [results[i].timing.batch for i in (0, 1, 2, 4)] == [2, 1, 2, 1]
 
 
 def test_a_batch_never_exceeds_its_draw_limit(studio: Studio):
-    worker = SamplerWorker(studio, max_batch_draws=3)
+    worker = SamplerWorker(Harness(studio), max_batch_draws=3, process=False)
     settings = studio.generation_settings(32, 1.0, "any")
-    release, blocker = hold(worker)
+    blocker = hold(worker)
     threads, results = in_threads([lambda s=s: worker.generate(settings, [s, s + 1]) for s in (0, 10, 20)])
-    release.set()
+    worker.studio.release.set()
     for t in [blocker, *threads]:
         t.join(60)
     assert [r.timing.batch for r in results] == [1, 1, 1]
 
 
-def test_a_failing_job_raises_in_its_caller_and_the_worker_keeps_serving(studio: Studio):
-    worker = SamplerWorker(studio)
-
-    def broken(progress):
-        raise StudioError("no such thing")
-
+def test_a_failing_job_raises_in_its_caller_and_the_worker_keeps_serving(studio: Studio, worker: SamplerWorker):
     with pytest.raises(StudioError, match="no such thing"):
-        worker.call(broken)
+        worker.call("fail")
+    with pytest.raises(StudioError, match="upload an image"):
+        worker.call("inpaint", None, [], 32)
     out = worker.generate(studio.generation_settings(32, 1.0, "any"), [4])
     assert len(out.images) == 1
 
 
-def test_progress_reports_the_wait_then_the_drawing(studio: Studio):
-    worker = SamplerWorker(studio)
+def test_progress_reports_the_wait_then_the_drawing(studio: Studio, worker: SamplerWorker):
     seen: list[str] = []
-    release, blocker = hold(worker)
-    threads, _ = in_threads(
-        [lambda: worker.generate(studio.generation_settings(32, 1.0, "any"), [1], lambda f, desc: seen.append(desc))]
-    )
+    blocker = hold(worker)
+    settings = studio.generation_settings(32, 1.0, "any")
+    threads, _ = in_threads([lambda: worker.generate(settings, [1, 2, 3, 4], lambda f, desc: seen.append(desc))])
     time.sleep(0.6)
-    release.set()
+    worker.studio.release.set()
     for t in [blocker, *threads]:
         t.join(60)
     assert seen and seen[0].startswith("waiting for the sampler")
+
+
+def test_the_sampler_process_draws_on_one_thread_and_leaves_the_apps_setting_alone(studio: Studio):
+    threads = torch.get_num_threads()
+    worker = SamplerWorker(Harness(studio), process=True)
+    pid, its_threads = worker.call("whereabouts")
+    assert pid == worker.pid != os.getpid() and its_threads == 1
+    assert torch.get_num_threads() == threads
+    assert SamplerWorker(Harness(studio), process=False).call("whereabouts") == (os.getpid(), threads)
+
+
+def test_a_sampler_process_that_dies_is_restarted(studio: Studio):
+    worker = SamplerWorker(Harness(studio), process=True)
+    settings = studio.generation_settings(32, 1.0, "any")
+    first = worker.pid
+    os.kill(first, signal.SIGKILL)  # between jobs: the next request is simply served
+    time.sleep(0.5)
+    assert len(worker.generate(settings, [1]).images) == 1 and worker.pid != first
+    worker.studio.started.clear()  # while working: that request gets a clear error, the next is served
+    threads, results = in_threads([lambda: worker.call("nap", 30)])
+    assert worker.studio.started.wait(30)
+    os.kill(worker.pid, signal.SIGKILL)
+    threads[0].join(60)
+    assert isinstance(results[0], SamplerError) and "try again" in str(results[0])
+    out = worker.generate(settings, [2])
+    np.testing.assert_array_equal(arrays(out.images)[0], arrays(studio.generate(32, n=1, seed=2))[0])
 
 
 def test_generate_checks_its_request_before_it_is_queued(studio: Studio):
@@ -190,24 +251,24 @@ def test_through_the_app_sampler_work_never_overlaps_and_no_request_changes_the_
     studio: Studio, tmp_path: Path, monkeypatch
 ):
     """Generations, inpaintings and reconstructs sent at once through the API: the draws and
-    inpaintings run one at a time, and the process's thread setting is never touched."""
+    inpaintings run one at a time in the sampler's own process, the reconstructs in the app's,
+    and the app's thread setting is never touched."""
     from conftest import free_port, lesion_image
     from gradio_client import Client, handle_file
     from PIL import Image
 
     from lesionstudio.ui import build
 
-    spans: list[tuple[str, float, float]] = []
-    lock = threading.Lock()
+    log = tmp_path / "spans.txt"  # written by both processes
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            start = time.monotonic()
             try:
                 return fn(*args, **kwargs)
             finally:
-                with lock:
-                    spans.append((name, start, time.perf_counter()))
+                with log.open("a") as f:
+                    f.write(f"{name} {os.getpid()} {start} {time.monotonic()}\n")
 
         return wrapper
 
@@ -245,10 +306,49 @@ def test_through_the_app_sampler_work_never_overlaps_and_no_request_changes_the_
             t.join(300)
         assert not [r for r in results if isinstance(r, Exception)]
         assert changes == [] and torch.get_num_threads() == threads_before
-        sampler = sorted((start, end) for name, start, end in spans if name in ("draw", "inpaint"))
+        lines = map(str.split, log.read_text().splitlines())
+        spans = [(name, int(pid), float(a), float(b)) for name, pid, a, b in lines]
+        assert {pid for name, pid, *_ in spans if name == "reconstruct"} == {os.getpid()}
+        assert os.getpid() not in {pid for name, pid, *_ in spans if name != "reconstruct"}
+        sampler = sorted((start, end) for name, _, start, end in spans if name in ("draw", "inpaint"))
         assert len([n for n, *_ in spans if n == "inpaint"]) == 2
         assert len([n for n, *_ in spans if n == "reconstruct"]) == 4
         for (_, end), (start, _) in zip(sampler, sampler[1:], strict=False):
             assert end <= start  # one at a time
     finally:
         demo.close()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+def test_the_sampler_process_goes_with_the_app(tmp_path: Path, stop: int):
+    import subprocess
+    import sys
+    import urllib.request
+
+    import psutil
+    from conftest import ROOT, free_port
+
+    make_pair(tmp_path / "ckpts", 32)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    args = ["app.py", "--checkpoints", str(tmp_path / "ckpts"), "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "the app did not start"
+                time.sleep(0.5)
+        children = psutil.Process(proc.pid).children()
+        assert [c.name() for c in children] == [psutil.Process(proc.pid).name()]  # the sampler, forked
+        proc.send_signal(stop)
+        proc.wait(30)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive
+    finally:
+        proc.kill()
