@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from lesionstudio.pixelcnn import GatedPixelCNN
 from lesionstudio.sampling import sample
 from lesionstudio.vqvae import VQVAE
+from train.pixelcnn import random_windows
 
 
 @pytest.fixture
@@ -172,15 +173,37 @@ def test_hierarchical_prior_on_a_coarse_vqvae(tiny_vqvae: Path, image_folder: Pa
     after = GatedPixelCNN.from_pretrained(out / "final").state_dict()
     assert [r["epoch"] for r in records(out)] == [1, 2]
     assert all(torch.equal(before[k], after[k]) for k in before)
-    # a warm start's shape must match; crops cannot keep the coarse grid aligned
+    # a warm start's shape must match; a window must cover whole coarse cells
     res = run_module(
         cli(tiny_vqvae, image_folder, tmp_path / "bad", 1, "--init-from", str(plain / "final"), "--layers", "4")
     )
     assert res.returncode != 0 and "different architecture: num_layers 3 vs 4" in res.stderr
     res = run_module(
-        cli(tiny_vqvae, image_folder, tmp_path / "bad2", 1, "--coarse-vqvae", str(tmp_path / "cvq"), "--crop", "8")
+        cli(tiny_vqvae, image_folder, tmp_path / "bad2", 1, "--coarse-vqvae", str(tmp_path / "cvq"), "--crop", "7")
     )
-    assert res.returncode != 0 and "--crop is not supported" in res.stderr
+    assert res.returncode != 0 and "--crop must be a multiple of 2" in res.stderr
+    # windows of both grids: an 8x8 window of the 16x16 codes on a 4x4 window of the 8x8 coarse codes
+    windowed = tmp_path / "windows"
+    train(tiny_vqvae, image_folder, windowed, 1, "--coarse-vqvae", str(tmp_path / "cvq"), "--crop", "8")
+    assert GatedPixelCNN.from_pretrained(windowed / "final").hierarchical
+
+
+def test_windows_of_a_grid_and_its_coarse_grid_cover_the_same_part_of_the_image():
+    # Each coarse code is its cell's position and each fine code names its coarse cell (plus
+    # noise), so a window is aligned exactly when the two agree.
+    gen = torch.Generator().manual_seed(0)
+    coarse = torch.arange(64).view(1, 8, 8).repeat(64, 1, 1)
+    up = coarse.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    codes = up * 4 + torch.randint(0, 4, (64, 16, 16), generator=gen)
+    w = random_windows(codes, 6, coarse, gen)
+    assert w.codes.shape == (64, 6, 6) and w.coarse.shape == (64, 3, 3)
+    assert torch.equal(w.codes // 4, w.coarse.repeat_interleave(2, 1).repeat_interleave(2, 2))
+    assert len({int(c[0, 0]) for c in w.coarse}) > 10  # windows start all over the grid
+    assert random_windows(codes, 0, coarse).codes is codes  # 0: whole grids
+    plain = random_windows(codes, 5, None, gen)
+    assert plain.coarse is None and plain.codes.shape == (64, 5, 5)
+    with pytest.raises(ValueError, match="whole 2x2 blocks"):
+        random_windows(codes, 5, coarse, gen)
 
 
 def test_dihedral_turns_multiply_the_training_grids_only(tiny_vqvae: Path, image_folder: Path, tmp_path: Path):

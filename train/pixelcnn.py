@@ -6,7 +6,8 @@
 With --coarse-vqvae (a VQ-VAE of the same images with a smaller grid, e.g. runs/vq32/final for
 a 64x64 prior) the prior becomes hierarchical: it is conditioned on the coarse codes of each
 image, and sampling draws the coarse grid first with that VQ-VAE's own prior. --init-from
-starts from a trained prior of the same shape (new conditioning layers start at zero).
+starts from a trained prior of the same shape (new conditioning layers start at zero). --crop
+then cuts the same window of the image from both grids (S a multiple of the grids' ratio).
 
 The images are encoded once (cached in OUT/codes.npz, and OUT/coarse_codes.npz). Each epoch writes (rank 0 only)
 OUT/metrics.jsonl, OUT/curves.html, OUT/samples_epochNNN.png and an atomic OUT/checkpoint.pt;
@@ -53,7 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="use a seeded random subset of N images")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--crop", type=int, default=0, help="train on random SxS crops of the code grid (0: whole)")
+    p.add_argument(
+        "--crop",
+        type=int,
+        default=0,
+        help="train on random SxS windows of the code grid (0: whole); with --coarse-vqvae, the same "
+        "window of the coarse grid too",
+    )
     p.add_argument(
         "--dihedral",
         type=int,
@@ -148,14 +155,37 @@ class Grids:
         return TensorDataset(self.codes, self.labels, *extra)
 
 
-def random_crops(codes: torch.Tensor, size: int, gen: torch.Generator | None = None) -> torch.Tensor:
-    """One random size x size window of each grid in codes [B, h, w]."""
+@dataclass
+class Windows:
+    """Training windows of code grids [B, s, s] and, for a hierarchical prior, the same windows
+    of their coarse grids [B, s / f, s / f] (f: the fine-to-coarse ratio)."""
+
+    codes: torch.Tensor
+    coarse: torch.Tensor | None
+
+
+def random_windows(
+    codes: torch.Tensor, size: int, coarse: torch.Tensor | None = None, gen: torch.Generator | None = None
+) -> Windows:
+    """One random size x size window of each grid in codes [B, h, w] (the whole grid when size is
+    0 or not smaller). With coarse grids [B, hc, wc], each window starts on a coarse cell's
+    corner and its coarse window covers the same part of the image."""
     b, h, w = codes.shape
     if size <= 0 or size >= min(h, w):
-        return codes
-    ys = torch.randint(0, h - size + 1, (b,), generator=gen)
-    xs = torch.randint(0, w - size + 1, (b,), generator=gen)
-    return torch.stack([codes[i, y : y + size, x : x + size] for i, (y, x) in enumerate(zip(ys, xs, strict=True))])
+        return Windows(codes, coarse)
+    f = 1 if coarse is None else h // coarse.shape[1]
+    if size % f:
+        raise ValueError(f"a {size}x{size} window does not cover whole {f}x{f} blocks of the coarse grid")
+    ys = torch.randint(0, (h - size) // f + 1, (b,), generator=gen) * f
+    xs = torch.randint(0, (w - size) // f + 1, (b,), generator=gen) * f
+    corners = list(zip(ys.tolist(), xs.tolist(), strict=True))
+    fine = torch.stack([codes[i, y : y + size, x : x + size] for i, (y, x) in enumerate(corners)])
+    if coarse is None:
+        return Windows(fine, None)
+    s = size // f
+    return Windows(
+        fine, torch.stack([coarse[i, y // f : y // f + s, x // f : x // f + s] for i, (y, x) in enumerate(corners)])
+    )
 
 
 @dataclass
@@ -208,8 +238,11 @@ def prepare(args: argparse.Namespace, device: torch.device, d: common.Dist) -> R
     """Load the VQ-VAEs, encode and split the images, build the model."""
     vq = VQVAE.from_pretrained(args.vqvae).to(device).eval()
     coarse_vq = load_coarse_vqvae(args.coarse_vqvae, vq, device) if args.coarse_vqvae else None
-    if coarse_vq is not None and args.crop:
-        raise SystemExit("--crop is not supported with --coarse-vqvae: train on whole grids")
+    if coarse_vq is not None and args.crop % (vq.latent_size // coarse_vq.latent_size):
+        ratio = vq.latent_size // coarse_vq.latent_size
+        raise SystemExit(
+            f"--crop must be a multiple of {ratio} with this --coarse-vqvae (its codes cover {ratio}x{ratio} fine ones)"
+        )
     encoded = encode_variants(args, vq, coarse_vq, device, d)
     train_set, val_set, train_labels = split_grids(args, encoded)
     classes = encoded[0].classes
@@ -308,9 +341,10 @@ def train_epoch(run: Run, net: torch.nn.Module, epoch: int) -> EpochStats:
     t0 = time.time()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not d.is_main, mininterval=2)
     for batch in bar:
-        codes = random_crops(batch[0], args.crop).to(device)
+        windows = random_windows(batch[0], args.crop, batch[2] if run.hierarchical else None)
+        codes = windows.codes.to(device)
         labels = batch[1].to(device) if run.conditional else None
-        coarse = batch[2].to(device) if run.hierarchical else None
+        coarse = windows.coarse.to(device) if windows.coarse is not None else None
         with run.opt.autocast():
             logits = net(codes, labels, coarse)
         loss = F.cross_entropy(logits.float(), codes)
