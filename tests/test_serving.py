@@ -16,13 +16,7 @@ import pytest
 import torch
 from conftest import make_pair
 
-from lesionstudio.serving import (
-    SamplerError,
-    SamplerWorker,
-    TimingLog,
-    request_workers,
-    set_thread_budget,
-)
+from lesionstudio.serving import SamplerError, SamplerWorker, TimingLog, request_workers, set_thread_budget
 from lesionstudio.studio import Studio, StudioError
 
 
