@@ -233,7 +233,7 @@ class SamplerWorker:
             done = self._ask(_Task(first.method, first.args, first.kwargs), jobs)
             return [done.result], done.cpu
         seeds = [s for job in jobs for s in job.seeds]
-        done = self._ask(_Task("draw", (first.settings, seeds), {}), jobs)
+        done = self._ask(_Task(first.method, (first.settings, seeds), {}), jobs)
         out, start = [], 0
         for job in jobs:
             out.append(done.result[start : start + len(job.seeds)])
@@ -293,11 +293,9 @@ def _serve(conn: Connection, studio: Studio, clock: Callable[[], float]) -> None
         cpu = clock()
         try:
             result = getattr(studio, task.method)(*task.args, progress=_reporter(conn), **task.kwargs)
-            reply: _Done | _Failed = _Done(result, 0.0)
+            reply: _Done | _Failed = _Done(result, clock() - cpu)
         except Exception as exc:  # the caller raises it
             reply = _Failed(_travelling(exc))
-        if isinstance(reply, _Done):
-            reply.cpu = clock() - cpu
         try:
             _reply(conn, reply)
         except OSError:  # the app has gone
