@@ -1,12 +1,13 @@
 """Time to one finished sample (every level drawn, decoded), with and without candidate ranking.
 
-    python benchmarks/generate.py [--checkpoints checkpoints] [--baseline OLD_CHECKPOINTS] [--latent 64]
+    python benchmarks/generate.py [--checkpoints checkpoints] [--baseline OLD_CHECKPOINTS] [--latent 64 [128 ...]]
 
 Times ``Studio.generate`` (what the Generate tab runs, minus the browser): one sample at the
 default temperatures and layout guidance, then one sample ranked from 2 and 4 candidates when
 the checkpoints have a critic. ``--baseline`` times another checkpoints folder the same way in
-the same run (for example the previous release), so the ratios compare like with like. Best of
-``--repeat`` runs, after a warm-up.
+the same run (for example the previous release), and several ``--latent`` sizes are timed one
+after another, so the ratios (to the first row) compare like with like. Best of ``--repeat``
+runs, after a warm-up.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoints", default="checkpoints")
     p.add_argument("--baseline", default=None, help="another checkpoints folder, timed in the same run")
-    p.add_argument("--latent", type=int, default=64)
+    p.add_argument("--latent", type=int, nargs="+", default=[64], help="grid sizes, timed in this order")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--candidates", type=int, nargs="+", default=[2, 4])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -72,9 +73,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, best of {args.repeat}")
     results = []
-    if args.baseline:
-        results += rows(args.baseline, args.latent, args.repeat, [])
-    results += rows(args.checkpoints, args.latent, args.repeat, args.candidates)
+    for latent in args.latent:
+        if args.baseline:
+            results += rows(args.baseline, latent, args.repeat, [])
+        results += rows(args.checkpoints, latent, args.repeat, args.candidates)
     base = results[0][1]
     for label, t in results:
         print(f"{t:8.2f} s  {t / base:5.2f}x  {label}")

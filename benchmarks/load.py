@@ -167,6 +167,19 @@ def fetch_files(result: Any) -> int:
     return 0
 
 
+def load_latents(url: str, requests: Requests, latents: list[str]) -> list[str]:
+    """One reconstruct and one single-candidate generation at each grid size, so that every
+    size is loaded in the app and in its sampler before the load; returns their first-use times."""
+    c, rng, lines = new_client(url), random.Random(-2), []
+    for latent in latents:
+        sized = Requests(latent, requests.uploads, 1)
+        for op in ("reconstruct", "generate"):
+            t = time.perf_counter()
+            getattr(sized, op)(c, rng)
+            lines.append(f"  first {op} at {latent}x{latent}: {time.perf_counter() - t:.2f} s")
+    return lines
+
+
 def idle_times(url: str, requests: Requests) -> dict[str, float]:
     """Each request alone on the idle app, after one warm-up: best of two."""
     c, rng, out = new_client(url), random.Random(-1), {}
@@ -259,6 +272,13 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=ROOT, help="the checkout whose app.py is served")
     p.add_argument("--checkpoints", default=None, help="default: the app's own default")
     p.add_argument("--latent", default="64")
+    p.add_argument(
+        "--load-latents",
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="grid sizes used once each before the load, so that all of them are loaded (peak memory)",
+    )
     p.add_argument("--client-nice", type=int, default=19, help="CPU niceness of the clients (0: as the app)")
     p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="per generated sample")
     args = p.parse_args()
@@ -278,6 +298,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/"
     memory = MemoryWatch(app.pid)
     try:
+        first_use = load_latents(url, requests, args.load_latents)
         idle = idle_times(url, requests)
         skip = len(timings.read_text().splitlines()) if timings.exists() else 0
         cpu_before, clients_before = cpu_seconds(app.pid), time.process_time()
@@ -294,6 +315,8 @@ def main() -> None:
             f"{args.candidates} candidates), {elapsed:.0f} s (requests in flight at the deadline were allowed "
             "to finish)"
         )
+        if first_use:
+            print("sizes loaded before the load (first use, incl. loading):\n" + "\n".join(first_use))
         print(f"requests served: {served} ({served / elapsed:.2f}/s), errors: {len(errors)}")
         for op, values in latencies.items():
             if values:

@@ -58,7 +58,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prior", default=None, help="prior folder; default: a random prior of the default config")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--grids", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--grids", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--plain-codes", type=int, default=8, help="codes the plain sampler is timed on")
     args = p.parse_args()

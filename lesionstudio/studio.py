@@ -160,6 +160,12 @@ class Studio:
         self._lock = threading.Lock()
         self._index_lock = threading.Lock()
 
+    @property
+    def loaded_latents(self) -> list[int]:
+        """The grid sizes loaded so far (each with its coarser levels); others load on first use."""
+        with self._lock:
+            return sorted({level.latent for stack in self._pairs.values() for level in stack.levels})
+
     def preload(self) -> None:
         """Load the default stack now, so the first request does not pay for it."""
         self.pair(self.default_latent)

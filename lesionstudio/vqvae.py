@@ -76,11 +76,13 @@ class VectorQuantizer(nn.Module):
         """Code vectors for indices [B, H, W], as [B, D, H, W]."""
         return F.embedding(indices, self.embedding).permute(0, 3, 1, 2)
 
-    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+    def nearest(self, flat: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """Index of the nearest code (squared Euclidean) for each row of flat [N, D]."""
         emb = self.embedding.float()
-        dist2 = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ emb.t() + emb.pow(2).sum(1)[None, :]
-        return dist2.argmin(dim=1)
+        emb_sq = emb.pow(2).sum(1)
+        # |x|^2 is the same for every code of a row, so |e|^2 - 2 x.e ranks them; in chunks of
+        # rows, since a 128x128 grid's distances to every code would not stay in cache.
+        return torch.cat([torch.addmm(emb_sq, part.float(), emb.t(), alpha=-2).argmin(1) for part in flat.split(chunk)])
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         b, d, h, w = z.shape

@@ -11,8 +11,10 @@ import torch
 from conftest import kill_when_exists, run_module
 from safetensors.torch import load_file
 
+from lesionstudio.data import split_indices
 from lesionstudio.pixelcnn import GatedPixelCNN
 from lesionstudio.sampling import sample
+from lesionstudio.scoring import prior_bits
 from lesionstudio.vqvae import VQVAE
 from train.pixelcnn import random_windows
 
@@ -101,6 +103,17 @@ def test_training_lowers_bits_exports_and_resumes(tiny_vqvae: Path, image_folder
     res = train(tiny_vqvae, image_folder, out, 6, "--resume")
     assert "resumed" in res.stdout and "encoding" not in res.stderr  # the codes cache was reused
     assert [r["epoch"] for r in records(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_val_limit_scores_the_first_validation_grids(tiny_vqvae: Path, image_folder: Path, tmp_path: Path):
+    out = tmp_path / "px"
+    train(tiny_vqvae, image_folder, out, 1, "--val-limit", "1", "--samples", "0")
+    with np.load(out / "codes.npz", allow_pickle=False) as z:
+        codes, labels = torch.from_numpy(z["codes"].astype("int64")), torch.from_numpy(z["labels"])
+    first_val = split_indices(len(codes), 0.1, seed=0)[1][:1]
+    prior = GatedPixelCNN.from_pretrained(out / "final")
+    expected = prior_bits(prior, codes[first_val], labels[first_val])
+    assert records(out)[0]["val_bits_per_code"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_resume_matches_uninterrupted_run(tiny_vqvae: Path, image_folder: Path, tmp_path: Path):

@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--limit", type=int, default=None, help="use a seeded random subset of N images")
     p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument(
+        "--val-limit",
+        type=int,
+        default=None,
+        help="validation grids scored per epoch (default: all; a 128x128 grid costs 16x a 32x32 one)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--crop",
@@ -388,7 +394,10 @@ def end_epoch(run: Run, epoch: int, stats: EpochStats) -> None:
 
 
 def validation_bits(run: Run) -> float:
+    """Bits per code of the first --val-limit validation grids (all of them by default)."""
     val, device = run.val_set, run.device
+    if run.args.val_limit is not None:
+        val = val.take(list(range(min(run.args.val_limit, len(val)))))
     labels = val.labels.to(device) if run.conditional else None
     coarse = val.coarse.to(device) if val.coarse is not None else None
     return prior_bits(run.model, val.codes.to(device), labels, batch_size=32, coarse=coarse)
