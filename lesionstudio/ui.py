@@ -366,7 +366,7 @@ def build(
                 "Upload a lesion, paint over the region to change, and the prior redraws the codes "
                 "under the paint. It draws in raster order and sees only codes above and to the left, "
                 "so each variant is the best of several fills at meeting the codes kept below and right. "
-                "A stack of levels (the shipped 32x32 and 64x64 grids stand on a 16x16 layout level) "
+                "A stack of levels (the shipped 32x32, 64x64 and 128x128 grids stand on a 16x16 layout level) "
                 "redraws the painted region at every level, coarsest first: the layout, then the detail."
             )
             with gr.Row():

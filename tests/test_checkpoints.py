@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA, run_module
+from conftest import ROOT, SHARED_DATA, run_module, write_images
 from fake_hub import serve_repo
 from huggingface_hub import ModelCard
+from PIL import Image
 
 from lesionstudio import loading
+from lesionstudio.codes import file_sha256
 from lesionstudio.pixelcnn import GatedPixelCNN
 from lesionstudio.vqvae import VQVAE
 
 CHECKPOINTS = ROOT / "checkpoints"
-SHIPPED = (16, 32, 64)
+SHIPPED = (16, 32, 64, 128)
 WEIGHTS_LICENSE = "cc-by-nc-sa-4.0"  # trained on ISIC images, some CC-BY-NC / CC BY-NC-SA
 
 
@@ -79,7 +82,9 @@ def test_shipped_32_pair_through_a_local_hub_server(tmp_path: Path):
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data/isic256")
 # The bits are the stack's joint over every level; on the validation split they are 33.6%, 25.2% and
 # (64x64) about 30% below the unigram entropy, on these 16 images less (their own unigram entropy is lower).
-@pytest.mark.parametrize(("latent", "min_psnr", "max_bits_ratio"), [(16, 25.0, 0.75), (32, 29.0, 0.8), (64, 32.0, 0.8)])
+@pytest.mark.parametrize(
+    ("latent", "min_psnr", "max_bits_ratio"), [(16, 25.0, 0.75), (32, 29.0, 0.8), (64, 32.0, 0.8), (128, 35.0, 0.8)]
+)
 def test_shipped_models_on_real_images(latent: int, min_psnr: float, max_bits_ratio: float):
     """A smoke check on the 16 sample images (training images: the model cards hold held-out numbers)."""
     res = run_module(
@@ -98,3 +103,45 @@ def test_shipped_models_on_real_images(latent: int, min_psnr: float, max_bits_ra
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["psnr"] > min_psnr and out["bits_per_code"] < max_bits_ratio * out["unigram_bits"]
+
+
+def test_the_128x128_stack_through_the_commands(tmp_path: Path):
+    """synthesize, memorization, quality and evaluate at the finest shipped grid (test-made real images)."""
+    write_images(tmp_path / "real", 12, size=256)
+    gen = tmp_path / "gen"
+    common = ["--checkpoints", str(CHECKPOINTS)]
+    res = run_module(
+        ["-m", "lesionstudio.synthesize", "--n", "4", "--latent", "128", "--batch-size", "4"]
+        + ["--seed", "3", "--out", str(gen), *common]
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(gen / "metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["latent"] for r in rows} == {"128"}
+    assert {r["prior_sha256"] for r in rows} == {file_sha256(CHECKPOINTS / "pixelcnn-128" / "model.safetensors")}
+    assert all(Image.open(gen / r["file"]).size == (256, 256) for r in rows)
+
+    env = {"LESIONSTUDIO_CACHE": str(tmp_path / "cache")}
+    memo = ["-m", "lesionstudio.memorization", "--generated", str(gen), "--train", str(tmp_path / "real")]
+    res = run_module([*memo, "--holdout-fraction", "0.25", *common], env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"features: encoder of {CHECKPOINTS / 'vqvae-32'}\n" in res.stdout  # not the 128x128 maker
+    summary = json.loads((gen / "memorization" / "summary.json").read_text())
+    assert summary["generated"] == 4
+
+    res = run_module(
+        ["-m", "lesionstudio.quality", "--real", str(tmp_path / "real"), "--generated", str(gen)] + [*common, "--json"],
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["generated_images"] == 4 and out["fd_vq_real_half_vs_generated"] > 0
+
+    res = run_module(
+        ["-m", "lesionstudio.evaluate", "--vqvae", str(CHECKPOINTS / "vqvae-128"), "--prior"]
+        + [str(CHECKPOINTS / "pixelcnn-128"), "--data", str(tmp_path / "real"), "--json"]
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["psnr"] > 30 and out["bits_per_code"] < out["unigram_bits"]
+    assert out["fine_given_coarse_bits"] < out["bits_per_code"]  # the 64x64 codes say much of the 128x128 ones
