@@ -65,18 +65,20 @@ def test_shipped_pair_loads_from_its_folders_and_through_hub(latent: int):
         assert pair.coarse is not None and pair.coarse.vqvae_dir == CHECKPOINTS / f"vqvae-{prior.cond_grid_size}"
 
 
-def test_shipped_32_pair_through_a_local_hub_server(tmp_path: Path):
+@pytest.mark.parametrize("latent", [32, 128])
+def test_shipped_stack_through_a_local_hub_server(tmp_path: Path, latent: int):
     script = (
-        "import json; from lesionstudio import loading; p = loading.load_stack(32, 'lesionstudio/checkpoints'); "
-        "print(json.dumps([p.vqvae.latent_size, p.prior.grid_size, sum(p.usage)]))"
+        f"import json; from lesionstudio import loading; p = loading.load_stack({latent}, 'lesionstudio/checkpoints'); "
+        "print(json.dumps([[lv.latent for lv in p.levels], p.prior.grid_size, sum(p.usage)]))"
     )
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
     with serve_repo("lesionstudio/checkpoints", CHECKPOINTS) as (endpoint, requests):
         res = run_module(["-c", script], env={**env, "HF_ENDPOINT": endpoint}, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    usage = json.loads((CHECKPOINTS / "vqvae-32" / "codebook_usage.json").read_text())
-    assert json.loads(res.stdout.strip().splitlines()[-1]) == [32, 32, sum(usage["counts"])]
-    assert any("pixelcnn-32/model.safetensors" in r for r in requests)
+    usage = json.loads((CHECKPOINTS / f"vqvae-{latent}" / "codebook_usage.json").read_text())
+    levels = [n for n in SHIPPED if n <= latent]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [levels, latent, sum(usage["counts"])]
+    assert any(f"pixelcnn-{latent}/model.safetensors" in r for r in requests)
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data/isic256")
