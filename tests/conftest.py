@@ -45,6 +45,23 @@ def lesion_image(size: int = 64, seed: int = 0) -> Image.Image:
     return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
 
 
+def painted_editor(upload: str, folder: Path, size: int, lo: int, hi: int) -> dict:
+    """The Inpaint tab's editor value for gradio_client: the upload with a square [lo, hi) painted
+    on a size x size layer."""
+    from gradio_client import handle_file
+
+    mask = np.zeros((size, size, 4), dtype=np.uint8)
+    mask[lo:hi, lo:hi] = (255, 0, 255, 255)
+    Image.fromarray(mask, "RGBA").save(folder / "mask.png")
+    return {"background": handle_file(upload), "layers": [handle_file(str(folder / "mask.png"))], "composite": None}
+
+
+def result_pixels(path_or_dict) -> np.ndarray:
+    """The RGB pixels of an image a gradio_client call returned (a path, or a gallery item)."""
+    path = path_or_dict["image"] if isinstance(path_or_dict, dict) else path_or_dict
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
 def write_images(folder: Path, n: int, size: int = 64, start_seed: int = 0) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

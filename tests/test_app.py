@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import launch_app, lesion_image
+from conftest import launch_app, lesion_image, painted_editor, result_pixels
 from hostile import CORPUS
-from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -31,9 +30,7 @@ def upload(tmp_path: Path) -> str:
     return str(p)
 
 
-def load(path_or_dict) -> np.ndarray:
-    path = path_or_dict["image"] if isinstance(path_or_dict, dict) else path_or_dict
-    return np.asarray(Image.open(path).convert("RGB"))
+load = result_pixels
 
 
 def test_reconstruct_endpoint(client: Client, upload: str):
@@ -84,10 +81,7 @@ def test_generate_shows_nearest_training_images_with_a_data_folder(tmp_path_fact
 
 
 def test_inpaint_endpoint_changes_only_the_painted_region(client: Client, upload: str, tmp_path: Path):
-    mask = np.zeros((280, 280, 4), dtype=np.uint8)
-    mask[110:170, 110:170] = (255, 0, 255, 255)
-    Image.fromarray(mask, "RGBA").save(tmp_path / "mask.png")
-    editor = {"background": handle_file(upload), "layers": [handle_file(str(tmp_path / "mask.png"))], "composite": None}
+    editor = painted_editor(upload, tmp_path, 280, 110, 170)
     original, variants, info = client.predict(editor, "32", 1.0, 2, 3, api_name="/inpaint")
     assert len(variants) == 2 and info["codes_resampled"] > 0
     base = load(original).astype(int)

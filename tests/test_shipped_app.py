@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, launch_app, lesion_image
-from PIL import Image
+from conftest import ROOT, launch_app, lesion_image, painted_editor, result_pixels
 
 from lesionstudio.studio import Studio
 
@@ -18,9 +17,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 CHECKPOINTS = ROOT / "checkpoints"
 
 
-def load(path_or_dict) -> np.ndarray:
-    path = path_or_dict["image"] if isinstance(path_or_dict, dict) else path_or_dict
-    return np.asarray(Image.open(path).convert("RGB"))
+load = result_pixels
 
 
 def test_start_up_loads_the_default_stack_only():
@@ -72,10 +69,7 @@ def test_generate_at_128_draws_every_level_and_is_reproducible(client: Client):
 
 
 def test_inpaint_at_128_keeps_the_unpainted_pixels(client: Client, upload: str, tmp_path: Path):
-    mask = np.zeros((256, 256, 4), dtype=np.uint8)
-    mask[96:160, 96:160] = (255, 0, 255, 255)
-    Image.fromarray(mask, "RGBA").save(tmp_path / "mask.png")
-    editor = {"background": handle_file(upload), "layers": [handle_file(str(tmp_path / "mask.png"))], "composite": None}
+    editor = painted_editor(upload, tmp_path, 256, 96, 160)
     original, variants, info = client.predict(editor, "128", 1.0, 1, 3, api_name="/inpaint")
     assert info["grid"] == 128 and info["codes_resampled"] >= 32 * 32
     base, img = load(original).astype(int), load(variants[0]).astype(int)
