@@ -212,6 +212,12 @@ def split_train_heldout(
     return files, held
 
 
+def default_report_folder(generated_dir: Path) -> Path:
+    """Beside the set, not inside it: a report inside would be read as samples by every other tool."""
+    generated_dir = generated_dir.resolve()
+    return generated_dir.with_name(f"{generated_dir.name}-memorization")
+
+
 def generated_files(generated_dir: Path, out: Path) -> list[Path]:
     """The generated images: the folder's images but the report's own (when it is written inside)."""
     files = [f for f in find_images(generated_dir) if not f.resolve().is_relative_to(out)]
@@ -265,7 +271,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_THRESHOLD,
         help="flag a generated image whose feature or pixel ratio is below this",
     )
-    p.add_argument("--out", type=Path, default=None, help="report folder (default: GENERATED/memorization)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="report folder (default: GENERATED-memorization, beside the set)"
+    )
     p.add_argument(
         "--feature-model",
         default=None,
@@ -282,7 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    out = (args.out or args.generated / "memorization").resolve()
+    out = (args.out or default_report_folder(args.generated)).resolve()
     try:
         generated = generated_files(args.generated, out)
         train, heldout = split_train_heldout(

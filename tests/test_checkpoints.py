@@ -125,11 +125,11 @@ def test_the_128x128_stack_through_the_commands(tmp_path: Path):
 
     env = {"LESIONSTUDIO_CACHE": str(tmp_path / "cache")}
     memo = ["-m", "lesionstudio.memorization", "--generated", str(gen), "--train", str(tmp_path / "real")]
-    # the report goes beside the set: its contact sheet inside GENERATED would count as a sample
-    res = run_module([*memo, "--holdout-fraction", "0.25", "--out", str(tmp_path / "memo"), *common], env=env)
+    # by default the report goes beside the set: its contact sheet inside would count as a sample below
+    res = run_module([*memo, "--holdout-fraction", "0.25", *common], env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"features: encoder of {CHECKPOINTS / 'vqvae-32'}\n" in res.stdout  # not the 128x128 maker
-    summary = json.loads((tmp_path / "memo" / "summary.json").read_text())
+    summary = json.loads(gen.with_name(f"{gen.name}-memorization").joinpath("summary.json").read_text())
     assert summary["generated"] == 4
 
     res = run_module(

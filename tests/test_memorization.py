@@ -81,7 +81,7 @@ def test_cli_flags_copies_and_not_new_images(tmp_path: Path):
 def test_default_heldout_is_the_trainers_split_and_report_is_not_a_sample(tmp_path: Path):
     make_pair(tmp_path / "ck", 32)
     write_images(tmp_path / "train", 30)
-    write_images(tmp_path / "gen", 3, start_seed=700)
+    made = write_images(tmp_path / "gen", 3, start_seed=700)
     args = [
         "-m",
         "lesionstudio.memorization",
@@ -95,8 +95,9 @@ def test_default_heldout_is_the_trainers_split_and_report_is_not_a_sample(tmp_pa
     for _ in range(2):  # the second run must not read the first run's PNGs (inside gen/) as samples
         r = run_module(args, env={"LESIONSTUDIO_CACHE": str(tmp_path / "cache")})
         assert r.returncode == 0, r.stderr
-        summary = json.loads((tmp_path / "gen" / "memorization" / "summary.json").read_text())
+        summary = json.loads((tmp_path / "gen-memorization" / "summary.json").read_text())
         assert (summary["generated"], summary["train"], summary["heldout"]) == (3, 27, 3)
+        assert sorted((tmp_path / "gen").iterdir()) == made  # the set is left as it was
     assert len(list((tmp_path / "cache").glob("features-*.npz"))) == 1  # training features reused
     bad = run_module(
         [
