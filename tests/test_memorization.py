@@ -92,7 +92,7 @@ def test_default_heldout_is_the_trainers_split_and_report_is_not_a_sample(tmp_pa
         "--feature-model",
         str(tmp_path / "ck" / "vqvae-32"),
     ]
-    for _ in range(2):  # the second run must not read the first run's PNGs (inside gen/) as samples
+    for _ in range(2):  # a second run finds the same 3 samples: the report is beside gen/, not in it
         r = run_module(args, env={"LESIONSTUDIO_CACHE": str(tmp_path / "cache")})
         assert r.returncode == 0, r.stderr
         summary = json.loads((tmp_path / "gen-memorization" / "summary.json").read_text())
