@@ -4,7 +4,8 @@
 
 Times ``Studio.generate`` (what the Generate tab runs, minus the browser): one sample at the
 default temperatures and layout guidance, then one sample ranked from 2 and 4 candidates when
-the checkpoints have a critic. ``--baseline`` times another checkpoints folder the same way in
+the checkpoints have a critic, each also with every candidate's layout chosen from ``--layouts``
+(default 8) when the critic has a layout head. ``--baseline`` times another checkpoints folder the same way in
 the same run (for example the previous release), and several ``--latent`` sizes are timed one
 after another, so the ratios (to the first row) compare like with like. Best of ``--repeat``
 runs, after a warm-up.
@@ -39,25 +40,29 @@ def best_of(fn, repeat: int) -> float:
     return min(times)
 
 
-def rows(source: str, latent: int, repeat: int, candidates: list[int]) -> list[tuple[str, float]]:
+def rows(source: str, latent: int, repeat: int, candidates: list[int], layouts: int) -> list[tuple[str, float]]:
     studio = Studio(source)
     stack = studio.pair(latent)
     name = f"{source}: {' -> '.join(str(lv.latent) for lv in stack.levels)}"
+    chosen = [1] + ([layouts] if layouts > 1 and studio.default_layouts(latent) > 1 else [])
     out = []
     for m in [1] + [c for c in candidates if studio.has_critic and c > 1]:
-        t = best_of(
-            lambda m=m: studio.generate(
-                latent,
-                n=1,
-                temperature=DEFAULT_TEMPERATURE,
-                seed=0,
-                detail_temperature=DEFAULT_DETAIL_TEMPERATURE,
-                candidates=m,
-                guidance=DEFAULT_GUIDANCE,
-            ),
-            repeat,
-        )
-        out.append((f"{name}, {m} candidate{'s' if m > 1 else ''}", t))
+        for k in chosen:
+            t = best_of(
+                lambda m=m, k=k: studio.generate(
+                    latent,
+                    n=1,
+                    temperature=DEFAULT_TEMPERATURE,
+                    seed=0,
+                    detail_temperature=DEFAULT_DETAIL_TEMPERATURE,
+                    candidates=m,
+                    guidance=DEFAULT_GUIDANCE,
+                    layouts=k,
+                ),
+                repeat,
+            )
+            label = f"{name}, {m} candidate{'s' if m > 1 else ''}" + (f", {k} layouts each" if k > 1 else "")
+            out.append((label, t))
     return out
 
 
@@ -68,6 +73,7 @@ def main() -> None:
     p.add_argument("--latent", type=int, nargs="+", default=[64], help="grid sizes, timed in this order")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--candidates", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--layouts", type=int, default=8, help="layouts per candidate (1: none chosen)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,8 +81,8 @@ def main() -> None:
     results = []
     for latent in args.latent:
         if args.baseline:
-            results += rows(args.baseline, latent, args.repeat, [])
-        results += rows(args.checkpoints, latent, args.repeat, args.candidates)
+            results += rows(args.baseline, latent, args.repeat, [], 1)
+        results += rows(args.checkpoints, latent, args.repeat, args.candidates, args.layouts)
     base = results[0][1]
     for label, t in results:
         print(f"{t:8.2f} s  {t / base:5.2f}x  {label}")

@@ -21,6 +21,7 @@ from torch import nn
 
 from .data import dihedral_variant
 from .hubmodel import WEIGHTS_LICENSE, HubModel, check_int
+from .lesionshape import FEATURE_NAMES, shape_features
 
 
 def branch(channels: int) -> nn.Sequential:
@@ -37,15 +38,68 @@ def branch(channels: int) -> nn.Sequential:
 
 @dataclass
 class Judgement:
-    """Logits (> 0: looks real) per image [B]."""
+    """Logits (> 0: looks real) per image [B]; ``shape`` when the critic has a shape head."""
 
     layout: torch.Tensor
     texture: torch.Tensor
+    shape: torch.Tensor | None = None
 
     @property
     def realism(self) -> torch.Tensor:
-        """The score candidates are ranked by: both views count equally."""
-        return (self.layout + self.texture) / 2
+        """The score candidates are ranked by: the two views count equally; the shape head's
+        log-odds, when there is one, are added (independent evidence multiplies the odds)."""
+        score = (self.layout + self.texture) / 2
+        return score if self.shape is None else score + self.shape
+
+
+class ShapeHead(nn.Module):
+    """Quadratic logistic regression on the lesion-shape features (``lesionstudio.lesionshape``):
+    the log-odds that a layout is real. Quadratic, as real values of a feature often lie in a
+    middle band (lesion area, border sharpness); features are clipped at 3 standard deviations so
+    that no odd segmentation yields an extreme score."""
+
+    def __init__(self, n_features: int = len(FEATURE_NAMES)) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("scale", torch.ones(n_features))
+        self.linear = nn.Linear(2 * n_features, 1)
+
+    def expand(self, features: torch.Tensor) -> torch.Tensor:
+        z = ((features - self.mean) / self.scale).clamp(-3, 3)
+        return torch.cat([z, z * z - 1], dim=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.expand(features)).view(-1)
+
+    def fit(self, real: torch.Tensor, fake: torch.Tensor, l2: float = 1e-3) -> float:
+        """Fit on feature rows of real and generated images (balanced: each side weighs half).
+        Returns the final loss."""
+        if len(real) < 2 or len(fake) < 2:
+            raise ValueError("the shape head needs at least 2 real and 2 generated images")
+        both = torch.cat([real, fake]).float()
+        self.mean.copy_(both.mean(0))
+        self.scale.copy_(both.std(0).clamp_min(1e-6))
+        x = self.expand(both)
+        target = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))])
+        weight = torch.cat([torch.full((len(real),), 0.5 / len(real)), torch.full((len(fake),), 0.5 / len(fake))])
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        opt = torch.optim.LBFGS(self.linear.parameters(), max_iter=500, line_search_fn="strong_wolfe")
+
+        def loss() -> torch.Tensor:
+            bce = F.binary_cross_entropy_with_logits(self.linear(x).view(-1), target, reduction="none")
+            return (bce * weight).sum() + l2 * self.linear.weight.pow(2).sum()
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            value = loss()
+            value.backward()
+            return value
+
+        with torch.enable_grad():
+            opt.step(closure)
+        with torch.no_grad():
+            return float(loss())
 
 
 class RealismCritic(
@@ -56,13 +110,26 @@ class RealismCritic(
 ):
     """``forward(images [B, 3, H, W] in [0, 1]) -> Judgement``; H and W at least ``view_size``."""
 
-    def __init__(self, channels: int = 32, view_size: int = 64, crops_per_side: int = 3) -> None:
+    def __init__(
+        self,
+        channels: int = 32,
+        view_size: int = 64,
+        crops_per_side: int = 3,
+        shape_head: bool = False,
+        layout_grid: int = 0,  # the grid of the layouts the layout head judges; 0: no layout head
+    ) -> None:
         super().__init__()
         self.channels = check_int("channels", channels, minimum=4)
         self.view_size = check_int("view_size", view_size, minimum=16)
         self.crops_per_side = check_int("crops_per_side", crops_per_side, minimum=1)
+        if not isinstance(shape_head, bool):
+            raise ValueError(f"config value shape_head must be true or false, got {shape_head!r}")
+        self.layout_grid = check_int("layout_grid", layout_grid, minimum=0)
         self.layout_net = branch(channels)
         self.texture_net = branch(channels)
+        self.shape_head = ShapeHead() if shape_head else None
+        # Judges the coarsest level's grids, decoded, before any detail is drawn on them.
+        self.layout_head = ShapeHead() if layout_grid else None
 
     def _check(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3 or min(images.shape[-2:]) < self.view_size:
@@ -95,7 +162,10 @@ class RealismCritic(
         turns = torch.cat([dihedral_variant(small, k) for k in range(8)])  # turns of one image b apart
         layout = self.layout_net(turns).view(8, b).mean(0)
         texture = self.texture_net(self.texture_views(images)).view(b, -1).mean(1)
-        return Judgement(layout, texture)
+        if self.shape_head is None:
+            return Judgement(layout, texture)
+        shape = self.shape_head(shape_features(images, self.view_size).to(layout.device))
+        return Judgement(layout, texture, shape)
 
     def training_loss(self, images: torch.Tensor, real: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Binary cross-entropy of both branches on randomly turned images and one random crop
@@ -112,6 +182,16 @@ class RealismCritic(
         return F.binary_cross_entropy_with_logits(layout, real) + F.binary_cross_entropy_with_logits(texture, real)
 
     @torch.no_grad()
+    def judge_layouts(self, images: torch.Tensor) -> torch.Tensor:
+        """Log-odds [B] that layouts look real: the coarsest level's grids decoded by its VQ-VAE
+        ([B, 3, H, W] in [0, 1]), judged by the layout head."""
+        if self.layout_head is None:
+            raise ValueError("this critic has no layout head (python -m train.critic --layout-head)")
+        self.eval()
+        device = self.layout_head.linear.weight.device
+        return self.layout_head(shape_features(images, self.view_size).to(device)).cpu()
+
+    @torch.no_grad()
     def judge(self, images: torch.Tensor, batch_size: int = 32) -> Judgement:
         """Judge images in batches, in eval mode."""
         self.eval()
@@ -119,7 +199,8 @@ class RealismCritic(
             self(images[i : i + batch_size].to(self.layout_net[0].weight.device))
             for i in range(0, len(images), batch_size)
         ]
-        return Judgement(torch.cat([p.layout for p in parts]).cpu(), torch.cat([p.texture for p in parts]).cpu())
+        shape = None if self.shape_head is None else torch.cat([p.shape for p in parts]).cpu()
+        return Judgement(torch.cat([p.layout for p in parts]).cpu(), torch.cat([p.texture for p in parts]).cpu(), shape)
 
 
 @dataclass

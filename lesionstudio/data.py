@@ -158,13 +158,23 @@ def preprocess(img: Image.Image | str | Path, size: int = 256) -> torch.Tensor:
     return eval_transform(size)(load_image(img)).unsqueeze(0)
 
 
+def as_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as 8-bit levels, rounded (a saved PNG's pixels)."""
+    # Rounded, not truncated as to_pil_image does for floats: truncation makes every saved sample
+    # half a level darker than the same image rounded, a tell for a critic or a two-sample test.
+    return (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def as_saved(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] exactly as their saved PNGs read back (each pixel on an 8-bit level)."""
+    return as_uint8(x).float() / 255
+
+
 def to_pil(x: torch.Tensor) -> Image.Image:
     """A [3, H, W] (or [1, 3, H, W]) tensor in [0, 1] to a PIL image."""
     if x.ndim == 4:
         x = x[0]
-    # Rounded, not truncated as to_pil_image does for floats: truncation makes every saved sample
-    # half a level darker than the same image rounded, a tell for a critic or a two-sample test.
-    return TF.to_pil_image((x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+    return TF.to_pil_image(as_uint8(x).cpu())
 
 
 def find_images(root: str | Path) -> list[Path]:

@@ -160,6 +160,19 @@ def has_critic(source: str | Path | None = None, revision: str | None = None) ->
     return _local_model_dir(default_source() if source is None else source, CRITIC_NAME, revision) is not None
 
 
+def critic_layout_grid(source: str | Path | None = None, revision: str | None = None) -> int:
+    """The grid of the layouts a source's critic can choose (its config's ``layout_grid``; 0: none),
+    read without loading the critic."""
+    folder = _local_model_dir(default_source() if source is None else source, CRITIC_NAME, revision)
+    if folder is None or not (folder / CONFIG_NAME).is_file():
+        return 0
+    try:
+        grid = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("layout_grid", 0)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"{folder}: {CONFIG_NAME} is not a valid JSON object: {exc}") from exc
+    return grid if isinstance(grid, int) else 0
+
+
 def load_critic(
     source: str | Path | None = None, device: torch.device | str = "cpu", revision: str | None = None
 ) -> RealismCritic | None:

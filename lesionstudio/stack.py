@@ -15,6 +15,11 @@ one of M candidates that the stack's realism critic scores highest. Candidates a
 per-sample seeds, candidate j of seed s with ``s + j * CANDIDATE_SEED_OFFSET``, so candidate 0 is
 the sample drawn without ranking and a sample depends on its own seed alone.
 
+Layout ranking (``layouts=K``): before any detail is drawn, each candidate's coarsest grid is the
+one of K drawn (layout k of seed s with ``s + k * LAYOUT_SEED_OFFSET``) whose decoded image the
+critic's layout head scores highest: one whole lesion with a border on skin, as real layouts
+are. Layouts are cheap to draw and judge, and they decide what the finer levels can show.
+
 Layout guidance (``guidance``; 1 = the priors as trained) scales what each finer level's prior
 takes from the grid below it (``GatedPixelCNN.coarse_features``): above 1 the finer levels
 follow the layout more closely, 0 ignores it (README, "Realism", for what that does to realism).
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .critic import RealismCritic
+from .data import as_saved
 from .pixelcnn import GatedPixelCNN
 from .sampling import (
     LabelsArg,
@@ -47,6 +53,7 @@ from .vqvae import VQVAE
 
 LEVEL_SEED_OFFSET = 1_000_003  # keeps each level's noise apart from the others'
 CANDIDATE_SEED_OFFSET = 7_919_000_009  # and each candidate's apart from the other candidates'
+LAYOUT_SEED_OFFSET = 104_729_000_003  # and each layout's apart from the other layouts'
 Temperatures = float | Sequence[float]
 
 
@@ -153,9 +160,11 @@ def sample_stack(
     method: str = "incremental",
     *,
     guidance: float = 1.0,
+    layout: torch.Tensor | None = None,
 ) -> StackSample:
     """Draw n code grids at every level, coarsest first, each given the one below (``method``:
-    the sampler, see ``lesionstudio.sampling``; ``guidance``: see the module docstring)."""
+    the sampler, see ``lesionstudio.sampling``; ``guidance``: see the module docstring).
+    ``layout`` [n, h, w]: the coarsest grids, drawn already (``choose_layouts``)."""
     levels = stack.sampling_levels()
     temps = level_temperatures(temperature, len(levels))
     if seed is None:  # a concrete seed, so the classes drawn below can be known
@@ -164,8 +173,10 @@ def sample_stack(
     # The classes the first level draws for this seed (the same draw sample() makes first).
     lab = resolve_labels(first, n, labels, make_generators(seed, n))
     ranges = _shares([float(level.checked_prior().grid_size ** 2) for level in levels])
-    drawn: list[torch.Tensor] = []
-    for i, level in enumerate(levels):
+    if layout is not None and tuple(layout.shape) != (n, first.grid_size, first.grid_size):
+        raise ValueError(f"layout must be [{n}, {first.grid_size}, {first.grid_size}], got {tuple(layout.shape)}")
+    drawn: list[torch.Tensor] = [] if layout is None else [layout.to(first.embedding.weight.device)]
+    for i, level in enumerate(levels[len(drawn) :], start=len(drawn)):
         coarse = drawn[-1] if drawn else None
         grids = sample(
             level.checked_prior(),
@@ -195,6 +206,33 @@ def per_sample_seeds(seed: SeedArg, n: int) -> list[int]:
 
 
 @torch.no_grad()
+def choose_layouts(
+    stack: ModelStack,
+    seeds: list[int],
+    layouts: int,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """For each seed, the coarsest grid [len(seeds), h, w] that the critic's layout head scores
+    highest of ``layouts`` drawn (``labels``: each seed's class, kept by its layouts)."""
+    critic, top = stack.critic, stack.levels[0]
+    if critic is None or critic.layout_head is None:
+        raise ValueError("choosing layouts needs a critic with a layout head (python -m train.critic --layout-head)")
+    if critic.layout_grid != top.latent:
+        raise ValueError(
+            f"the critic's layout head judges {critic.layout_grid}x{critic.layout_grid} layouts, "
+            f"but this stack's coarsest level is {top.latent}x{top.latent}"
+        )
+    n, k = len(seeds), layouts
+    every = [s + j * LAYOUT_SEED_OFFSET for s in seeds for j in range(k)]
+    lab = None if labels is None else labels.repeat_interleave(k)
+    grids = sample(top.checked_prior(), n * k, temperature=temperature, seed=every, labels=lab, progress=progress)
+    scores = critic.judge_layouts(top.vqvae.decode_codes(grids)).view(n, k)
+    return grids.view(n, k, *grids.shape[1:])[torch.arange(n), scores.argmax(1).to(grids.device)]
+
+
+@torch.no_grad()
 def sample_ranked(
     stack: ModelStack,
     n: int,
@@ -205,11 +243,13 @@ def sample_ranked(
     progress: Progress | None = None,
     *,
     guidance: float = 1.0,
+    layouts: int = 1,
 ) -> StackSample:
     """Draw ``candidates`` samples per requested one (in one batch) and keep, for each, the one
-    the stack's critic scores most real-looking; ``scores`` holds the kept ones' scores."""
-    if candidates < 1:
-        raise ValueError(f"candidates must be at least 1, got {candidates}")
+    the stack's critic scores most real-looking; ``scores`` holds the kept ones' scores. With
+    ``layouts`` > 1 each candidate's layout is the best of that many (``choose_layouts``)."""
+    if candidates < 1 or layouts < 1:
+        raise ValueError(f"candidates and layouts must be at least 1, got {candidates} and {layouts}")
     if stack.critic is None:
         raise ValueError("ranking candidates needs a realism critic (a critic/ folder beside the checkpoints)")
     m = candidates
@@ -218,8 +258,19 @@ def sample_ranked(
     if labels is not None:  # each candidate keeps its sample's requested class
         lab = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         lab = (lab.expand(n) if lab.numel() == 1 else lab).repeat_interleave(m)
-    drawn = sample_stack(stack, n * m, temperature, seeds, lab, progress, guidance=guidance)
-    images = stack.vqvae.decode_codes(drawn.codes)
+    layout = None
+    if layouts > 1:
+        levels = stack.sampling_levels()
+        # Each candidate's class, as sample_stack would draw it, kept by all of its layouts.
+        lab = resolve_labels(levels[0].checked_prior(), n * m, lab, make_generators(seeds, n * m))
+        sizes = [float(level.checked_prior().grid_size ** 2) for level in levels]
+        share = layouts * sizes[0] / (layouts * sizes[0] + sum(sizes[1:]))
+        first = level_temperatures(temperature, len(levels))[0]
+        layout = choose_layouts(stack, seeds, layouts, first, lab, _split(progress, 0.0, share))
+        progress = _split(progress, share, 1.0)
+    drawn = sample_stack(stack, n * m, temperature, seeds, lab, progress, guidance=guidance, layout=layout)
+    # Judged as saved: the shape head's segmentation can tip on a pixel's last fraction of a level.
+    images = as_saved(stack.vqvae.decode_codes(drawn.codes))
     scores = stack.critic.judge(images).realism.view(n, m)
     keep = torch.arange(n) * m + scores.argmax(1)
     kept_labels = None if drawn.labels is None else drawn.labels[keep.to(drawn.labels.device)]

@@ -25,7 +25,7 @@ from PIL import Image
 from . import metrics
 from .data import ImageLoadError, eval_transform, find_images, load_image, to_pil
 from .features import EncoderFeatures, cached, compute, dihedral, feature_transform
-from .loading import LATENTS, available_latents, default_source, has_critic, load_stack
+from .loading import LATENTS, available_latents, critic_layout_grid, default_source, has_critic, load_stack
 from .neighbours import DEFAULT_THRESHOLD, nearest
 from .pixelcnn import ClassNameError
 from .plots import code_map_image, codebook_usage_figure, error_heatmap
@@ -38,11 +38,13 @@ MAX_UPLOAD_PIXELS = 40_000_000
 MAX_SAMPLES = 16
 MAX_CANDIDATES = 8  # per sample: the batch drawn is samples x candidates
 MAX_GUIDANCE = 4.0
+MAX_LAYOUTS = 16  # per candidate: layouts are cheap, but not free
 # The Generate tab's defaults: what measured best within the time limits (README, "Realism").
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_DETAIL_TEMPERATURE = 1.0
 DEFAULT_CANDIDATES = 4
 DEFAULT_GUIDANCE = 1.0
+DEFAULT_LAYOUTS = 8
 REFERENCE_IMAGES = 64  # data images whose nearest other data image sets the typical distance
 
 
@@ -111,6 +113,7 @@ class GenerationSettings:
     class_name: str  # "any": drawn by the training class frequencies, per sample
     candidates: int  # drawn per kept sample, ranked by the critic
     guidance: float = 1.0  # how closely each finer level follows the grid below (1: as trained)
+    layouts: int = 1  # drawn per candidate, the critic's layout head keeping one
 
 
 class Inpainting(NamedTuple):
@@ -146,8 +149,18 @@ class Studio:
         # A latent size with a VQ-VAE but no prior still serves Reconstruct and Codebook.
         self.latents = available_latents(self.source, require_prior=False)
         self.has_critic = has_critic(self.source)
+        # Layouts can be chosen when the critic's layout head judges this source's coarsest grid.
+        self.layout_grid = critic_layout_grid(self.source)
         if not self.latents:
             raise StudioError(f"no VQ-VAE checkpoints (vqvae-32/, vqvae-64/, vqvae-128/) found in {self.source}")
+
+    def default_layouts(self, latent: int | str) -> int:
+        """Layouts per candidate by default: DEFAULT_LAYOUTS where the critic's layout head judges
+        this stack's coarsest grid, else 1."""
+        if not self.layout_grid:
+            return 1
+        pair = self.pair(latent)
+        return DEFAULT_LAYOUTS if pair.prior is not None and pair.levels[0].latent == self.layout_grid else 1
 
     @property
     def default_latent(self) -> int:
@@ -336,13 +349,17 @@ class Studio:
         detail_temperature: float | None = None,
         candidates: int = 1,
         guidance: float = 1.0,
+        layouts: int = 1,
     ) -> list[Image.Image]:
         """n samples; ``temperature`` is the coarsest level's (the layout), ``detail_temperature``
         every finer level's (default: the same); ``candidates`` > 1 keeps the best-scored of that
-        many per sample (the stack's realism critic), and ``guidance`` sets how closely the finer
-        levels follow the layout (1: as trained). Sample i is drawn with its own seed (``seed + i``,
-        or the i-th of a list), so it is the image that seed gives alone."""
-        settings = self.generation_settings(latent, temperature, class_name, detail_temperature, candidates, guidance)
+        many per sample (the stack's realism critic), ``layouts`` > 1 draws each candidate's layout
+        as the best of that many (the critic's layout head), and ``guidance`` sets how closely the
+        finer levels follow the layout (1: as trained). Sample i is drawn with its own seed
+        (``seed + i``, or the i-th of a list), so it is the image that seed gives alone."""
+        settings = self.generation_settings(
+            latent, temperature, class_name, detail_temperature, candidates, guidance, layouts
+        )
         return self.draw(settings, self.sample_seeds(n, seed), progress)
 
     @staticmethod
@@ -362,6 +379,7 @@ class Studio:
         detail_temperature: float | None = None,
         candidates: int = 1,
         guidance: float = 1.0,
+        layouts: int = 1,
     ) -> GenerationSettings:
         """Checked settings of a generation request (a StudioError names what is wrong)."""
         pair = self.pair(latent)
@@ -380,9 +398,17 @@ class Studio:
             raise StudioError(f"Ranking candidates needs a realism critic (critic/) in {self.source}.")
         if not 0.0 <= float(guidance) <= MAX_GUIDANCE:
             raise StudioError(f"Layout guidance must be between 0 and {MAX_GUIDANCE:g}.")
+        layouts = int(layouts)
+        if not 1 <= layouts <= MAX_LAYOUTS:
+            raise StudioError(f"Layouts per candidate must be between 1 and {MAX_LAYOUTS}.")
+        if layouts > 1 and (pair.critic is None or pair.critic.layout_grid != pair.levels[0].latent):
+            raise StudioError(
+                f"Choosing layouts needs a critic with a layout head for the {pair.levels[0].latent}x"
+                f"{pair.levels[0].latent} grid (critic/) in {self.source}."
+            )
         detail = temperature if detail_temperature is None else detail_temperature
         return GenerationSettings(
-            int(latent), float(temperature), float(detail), class_name, candidates, float(guidance)
+            int(latent), float(temperature), float(detail), class_name, candidates, float(guidance), layouts
         )
 
     @torch.no_grad()
@@ -395,9 +421,17 @@ class Studio:
         labels = prior.class_label(settings.class_name)
         temps = (settings.temperature, settings.detail_temperature)
         guidance = settings.guidance
-        if settings.candidates > 1:
+        if settings.candidates > 1 or settings.layouts > 1:
             drawn = sample_ranked(
-                pair, len(seeds), settings.candidates, temps, seeds, labels, progress, guidance=guidance
+                pair,
+                len(seeds),
+                settings.candidates,
+                temps,
+                seeds,
+                labels,
+                progress,
+                guidance=guidance,
+                layouts=settings.layouts,
             )
         else:
             drawn = sample_stack(pair, len(seeds), temps, seeds, labels, progress, guidance=guidance)
@@ -455,6 +489,7 @@ class Studio:
         """The synthetic trials' images, by trial index: default samples of each trial's seed,
         drawn in batches (per-sample seeds, so each is the image it would be alone)."""
         candidates = DEFAULT_CANDIDATES if self.has_critic else 1
+        layouts = self.default_layouts(self.default_latent)
         drawn: dict[int, Image.Image] = {}
         for start in range(0, len(trials), MAX_SAMPLES):
             batch = trials[start : start + MAX_SAMPLES]
@@ -467,6 +502,7 @@ class Studio:
                 detail_temperature=DEFAULT_DETAIL_TEMPERATURE,
                 candidates=candidates,
                 guidance=DEFAULT_GUIDANCE,
+                layouts=layouts,
             )
             drawn |= {t.index: img for t, img in zip(batch, images, strict=True)}
         return drawn

@@ -64,6 +64,7 @@ OPTIONAL = [
     "critic_sha256",
     "realism_score",
     "guidance",
+    "layouts",
 ]
 COLUMNS = REQUIRED + OPTIONAL
 # Columns that must agree between the rows already in a folder and a new run.
@@ -79,9 +80,10 @@ SETTINGS = [
     "candidates",
     "critic_sha256",
     "guidance",
+    "layouts",
 ]
 # What a folder made before a column existed holds for it (so it still resumes).
-DEFAULTS = {"detail_temperature": "", "candidates": "1", "critic_sha256": "", "guidance": "1.0"}
+DEFAULTS = {"detail_temperature": "", "candidates": "1", "critic_sha256": "", "guidance": "1.0", "layouts": "1"}
 METADATA = "metadata.csv"
 
 
@@ -156,6 +158,8 @@ def _coarse_line(settings: dict[str, str]) -> str:
             f"\n- each image the best of {settings['candidates']} candidates by the realism critic "
             f"(model.safetensors SHA-256 `{settings['critic_sha256']}`; score in `realism_score`)"
         )
+    if int(settings["layouts"]) > 1:
+        lines += f"\n- each candidate's layout the best of {settings['layouts']} drawn, by the critic's layout head"
     if float(settings["guidance"]) != 1.0:
         lines += f"\n- layout guidance {settings['guidance']}: the finer levels follow the layout more closely"
     return lines
@@ -175,12 +179,14 @@ def synthesize(
     detail_temperature: float | None = None,
     candidates: int = 1,
     guidance: float = 1.0,
+    layouts: int = 1,
 ) -> list[dict[str, str]]:
     """Make images 0..n-1 in `out` that are not there yet; returns all n metadata rows.
 
     ``detail_temperature`` (default: ``temperature``) is that of every level but the coarsest;
     with ``candidates`` > 1 each image is the best-scored of that many (the stack needs a critic);
-    ``guidance`` sets how closely the finer levels follow the layout (1: the priors as trained)."""
+    ``guidance`` sets how closely the finer levels follow the layout (1: the priors as trained);
+    with ``layouts`` > 1 each candidate's layout is the best of that many (the critic's layout head)."""
     prior, vq = pair.prior, pair.vqvae
     if prior is None:
         raise CheckpointError(f"no prior for the {pair.latent}x{pair.latent} grid in {pair.source}")
@@ -194,6 +200,12 @@ def synthesize(
         raise ValueError(f"--candidates must be at least 1, got {candidates}")
     if candidates > 1 and pair.critic is None:
         raise CheckpointError(f"--candidates {candidates} needs a realism critic (critic/) in {pair.source}")
+    if layouts < 1:
+        raise ValueError(f"--layouts must be at least 1, got {layouts}")
+    if layouts > 1 and (pair.critic is None or pair.critic.layout_head is None):
+        raise CheckpointError(
+            f"--layouts {layouts} needs a realism critic with a layout head (critic/) in {pair.source}"
+        )
     if not 0 <= guidance < float("inf"):
         raise ValueError(f"--guidance must be a finite non-negative number, got {guidance}")
     fixed_label = prior.class_label(class_name)
@@ -219,6 +231,7 @@ def synthesize(
         "candidates": str(candidates),
         "critic_sha256": critic_sha256(pair),
         "guidance": repr(float(guidance)),
+        "layouts": str(layouts),
     }
     rows = read_metadata(out / METADATA)
     for row in rows.values():
@@ -246,7 +259,7 @@ def synthesize(
         if pair.critic is None:
             drawn = sample_stack(pair, len(batch), temps, seeds, lab, guidance=guidance)
         else:
-            drawn = sample_ranked(pair, len(batch), candidates, temps, seeds, lab, guidance=guidance)
+            drawn = sample_ranked(pair, len(batch), candidates, temps, seeds, lab, guidance=guidance, layouts=layouts)
         labels = drawn.labels
         bits = stack_nll_bits(pair, drawn.levels, labels).cpu()
         images = vq.decode_codes(drawn.codes).cpu()
@@ -287,6 +300,12 @@ def main(argv: list[str] | None = None) -> None:
         help="keep the best of M candidates per image by the realism critic (needs critic/)",
     )
     p.add_argument(
+        "--layouts",
+        type=int,
+        default=1,
+        help="draw K layouts per candidate and keep the one the critic's layout head scores best",
+    )
+    p.add_argument(
         "--guidance", type=float, default=1.0, help="how closely the finer levels follow the layout (1: as trained)"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -315,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
             detail_temperature=args.detail_temperature,
             candidates=args.candidates,
             guidance=args.guidance,
+            layouts=args.layouts,
         )
     except (CheckpointError, ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from exc

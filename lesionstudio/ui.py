@@ -27,9 +27,11 @@ from .studio import (
     DEFAULT_CANDIDATES,
     DEFAULT_DETAIL_TEMPERATURE,
     DEFAULT_GUIDANCE,
+    DEFAULT_LAYOUTS,
     DEFAULT_TEMPERATURE,
     MAX_CANDIDATES,
     MAX_GUIDANCE,
+    MAX_LAYOUTS,
     MAX_SAMPLES,
     MAX_UPLOAD_BYTES,
     MAX_UPLOAD_PIXELS,
@@ -61,10 +63,11 @@ QUIZ_NEEDS_DATA = (
     "The reader study needs your own real images (none are shipped): start the app with "
     "`python app.py --data REAL_DIR`, and add `--quiz-log answers.csv` to keep every answer on the server."
 )
-GENERATE_EXAMPLES = [  # latent, layout T, samples, seed, class, detail T, candidates, layout guidance
-    ["64", 1.0, 4, 0, "any", 1.0, 4, DEFAULT_GUIDANCE],
-    ["64", 0.9, 4, 1, "malignant", 1.0, 4, 2.0],
-    ["32", 1.0, 4, 2, "benign", 1.0, 1, 1.0],
+# latent, layout T, samples, seed, class, detail T, candidates, layout guidance, layouts per candidate
+GENERATE_EXAMPLES = [
+    ["64", 1.0, 4, 0, "any", 1.0, 4, DEFAULT_GUIDANCE, DEFAULT_LAYOUTS],
+    ["64", 0.9, 4, 1, "malignant", 1.0, 4, 2.0, 1],
+    ["32", 1.0, 4, 2, "benign", 1.0, 1, 1.0, 1],
 ]
 
 
@@ -148,6 +151,7 @@ def build(
     latents = [str(n) for n in studio.latents]
     default_latent = str(studio.default_latent)
     default_candidates = DEFAULT_CANDIDATES if studio.has_critic else 1
+    default_layouts = studio.default_layouts(default_latent)
     files = ResultFiles()
     sampler = SamplerWorker(studio)
     timings = timings or TimingLog(None)
@@ -191,12 +195,13 @@ def build(
         detail: float | None = None,
         candidates: float = 1,
         guidance: float = 1.0,
+        layouts: float = 1,
         progress=gr.Progress(),
     ):
         began = time.perf_counter()
         detail = None if detail is None else float(detail)
         settings = studio.generation_settings(
-            latent, float(temperature), label, detail, int(candidates), float(guidance)
+            latent, float(temperature), label, detail, int(candidates), float(guidance), int(layouts)
         )
         out = sampler.generate(settings, studio.sample_seeds(int(n), int(seed)), lambda f, desc: progress(f, desc=desc))
         encoding = time.perf_counter()
@@ -312,6 +317,14 @@ def build(
                         label="Candidates per sample (the critic keeps the most real-looking)",
                         visible=studio.has_critic,
                     )
+                    g_layouts = gr.Slider(
+                        1,
+                        MAX_LAYOUTS,
+                        value=default_layouts,
+                        step=1,
+                        label="Layouts per candidate (the critic keeps the one most like a whole lesion on skin)",
+                        visible=bool(studio.layout_grid),
+                    )
                     g_guidance = gr.Slider(
                         0.0,
                         MAX_GUIDANCE,
@@ -336,8 +349,12 @@ def build(
                         visible=bool(studio.data_files),
                         elem_id="nearest",
                     )
-            g_inputs = [g_latent, g_temp, g_n, g_seed, g_class, g_detail, g_cand, g_guidance]
-            runnable = [e for e in GENERATE_EXAMPLES if e[0] in latents and (studio.has_critic or e[6] == 1)]
+            g_inputs = [g_latent, g_temp, g_n, g_seed, g_class, g_detail, g_cand, g_guidance, g_layouts]
+            runnable = [
+                e
+                for e in GENERATE_EXAMPLES
+                if e[0] in latents and (studio.has_critic or e[6] == 1) and (studio.layout_grid or e[8] == 1)
+            ]
             if runnable:
                 gr.Examples(
                     runnable,

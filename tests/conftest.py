@@ -121,6 +121,22 @@ def stack_with_critic(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def stack_with_layout_critic(stack_with_critic: Path) -> Path:
+    """The same stack, its critic given a shape head and a layout head for the 16x16 grid, with
+    random weights (so that they rank)."""
+    from lesionstudio.critic import RealismCritic
+
+    folder = stack_with_critic / "critic"
+    plain = RealismCritic.from_pretrained(folder)
+    critic = RealismCritic(**{**plain.config, "shape_head": True, "layout_grid": 16})
+    torch.manual_seed(1)
+    for p in critic.parameters():
+        p.data.normal_(0, 0.5)
+    critic.save_pretrained(folder)
+    return stack_with_critic
+
+
+@pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """16 lesion images (64 px), half benign and half malignant in labels.csv beside them."""
     folder = tmp_path / "images"

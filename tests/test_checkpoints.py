@@ -47,6 +47,7 @@ def test_the_shipped_stacks_stand_on_the_16x16_layout_level():
         stack = loading.load_stack(latent)
         assert [level.latent for level in stack.levels] == [n for n in SHIPPED if n <= latent]
         assert stack.critic is not None
+        assert stack.critic.layout_grid == stack.levels[0].latent, "the critic chooses this stack's layouts"
         assert stack.levels[0].prior.kernel_size // 2 * stack.levels[0].prior.num_layers >= 16, (
             "the layout prior's receptive field covers its whole grid"
         )

@@ -148,7 +148,7 @@ def test_critic_card_and_its_refresh(tmp_path: Path):
         "heldout_realism_accuracy": 0.8486,
     }
     text = model_card(metrics, config, "python -m train.critic ...")
-    assert "| realism (mean logit) | 0.8486 |" in text and LICENSE_NOTE in text
+    assert "| realism (the ranking score) | 0.8486 |" in text and LICENSE_NOTE in text
     card = ModelCard(text)
     assert card.data.license == LICENSE and card.data.pipeline_tag == "image-classification"
     assert "datasets" not in card.data.to_dict()

@@ -12,6 +12,8 @@ from conftest import lesion_image, run_module, write_images
 
 from lesionstudio import loading
 from lesionstudio.critic import FitSettings, RealismCritic
+from lesionstudio.data import as_saved
+from lesionstudio.data import to_pil as to_image
 from lesionstudio.stack import CANDIDATE_SEED_OFFSET, sample_ranked, sample_stack
 from lesionstudio.twosample import blurred, two_sample_test
 
@@ -59,7 +61,7 @@ def test_ranking_keeps_the_best_scored_candidate_of_each_sample(stack_with_criti
     ranked = sample_ranked(stack, 2, candidates=3, seed=[11, 12], temperature=(1.0, 0.8))
     seeds = [s + j * CANDIDATE_SEED_OFFSET for s in (11, 12) for j in range(3)]
     every = sample_stack(stack, 6, seed=seeds, temperature=(1.0, 0.8))
-    scores = stack.critic.judge(stack.vqvae.decode_codes(every.codes)).realism.view(2, 3)
+    scores = stack.critic.judge(as_saved(stack.vqvae.decode_codes(every.codes))).realism.view(2, 3)
     best = scores.argmax(1)
     assert len({tuple(g.flatten().tolist()) for g in every.codes}) > 1, "candidates differ"
     for i in range(2):
@@ -171,3 +173,107 @@ def test_train_critic_command(tmp_path: Path):
     assert 0 <= metrics["heldout_realism_accuracy"] <= 1
     critic = RealismCritic.from_pretrained(out / "final")
     assert critic.channels == 4 and "realism critic" in (out / "final" / "README.md").read_text()
+
+
+def test_train_critic_fits_the_heads_on_a_kept_critic(tmp_path: Path, stack_with_critic: Path):
+    write_images(tmp_path / "real", 20, size=96)
+    write_images(tmp_path / "fake", 10, size=96, start_seed=300)
+    out = tmp_path / "critic"
+    common = ["-m", "train.critic", "--real", str(tmp_path / "real"), "--generated", str(tmp_path / "fake")]
+    base = stack_with_critic / "critic"
+    heads = ["--shape-head", "--layout-head", str(stack_with_critic), "--layouts", "12"]
+    res = run_module([*common, "--out", str(out), "--from-critic", str(base), *heads])
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["cnn_from"] == str(base) and "epochs" not in metrics
+    assert 0 <= metrics["heldout_shape_accuracy"] <= 1 and 0 <= metrics["heldout_layout_head_accuracy"] <= 1
+    assert metrics["layouts"] == 12
+    critic, kept = RealismCritic.from_pretrained(out / "final"), RealismCritic.from_pretrained(base)
+    assert critic.config == {**kept.config, "shape_head": True, "layout_grid": 16}
+    assert critic.layout_head.linear.weight.abs().sum() > 0, "the layout head was fitted"
+    for name, weights in kept.state_dict().items():
+        assert torch.equal(critic.state_dict()[name], weights), f"{name} kept as it was"
+    assert critic.shape_head.linear.weight.abs().sum() > 0, "the head was fitted"
+    card = (out / "final" / "README.md").read_text()
+    assert "shape head" in card and "heldout_shape_accuracy" in card and "layout head" in card
+    refused = run_module([*common, "--out", str(tmp_path / "x"), "--from-critic", str(base)])
+    assert refused.returncode != 0 and "--shape-head" in refused.stderr
+    coarse = run_module(
+        [*common, "--out", str(tmp_path / "z"), "--from-critic", str(base), *heads[1:3]] + ["--layout-latent", "32"]
+    )
+    assert coarse.returncode != 0 and "not the coarsest level" in coarse.stderr
+    missing = run_module([*common, "--out", str(tmp_path / "y"), "--from-critic", str(tmp_path), "--shape-head"])
+    assert missing.returncode != 0 and "cannot load --from-critic" in missing.stderr
+
+
+def test_layouts_are_chosen_per_candidate_by_the_layout_head(stack_with_layout_critic: Path):
+    from lesionstudio.sampling import sample
+    from lesionstudio.stack import LAYOUT_SEED_OFFSET
+
+    stack = loading.load_stack(32, stack_with_layout_critic)
+    critic, top = stack.critic, stack.levels[0]
+    seeds, labels = [11, 12], torch.tensor([0, 1])
+    ranked = sample_ranked(stack, 2, candidates=2, seed=seeds, labels=labels, layouts=3)
+    # By hand: 3 layouts per candidate, the layout head's best kept, then the finer level drawn on it.
+    cand = [s + j * CANDIDATE_SEED_OFFSET for s in seeds for j in range(2)]
+    cand_labels = labels.repeat_interleave(2)
+    every = [c + k * LAYOUT_SEED_OFFSET for c in cand for k in range(3)]
+    grids = sample(top.prior, 12, seed=every, labels=cand_labels.repeat_interleave(3)).view(4, 3, 16, 16)
+    layout_scores = critic.judge_layouts(top.vqvae.decode_codes(grids.flatten(0, 1))).view(4, 3)
+    assert (layout_scores.argmax(1) != 0).any(), "the head's choice is not always the first layout"
+    chosen = grids[torch.arange(4), layout_scores.argmax(1)]
+    drawn = sample_stack(stack, 4, seed=cand, labels=cand_labels, layout=chosen)
+    final = critic.judge(as_saved(stack.vqvae.decode_codes(drawn.codes)))
+    assert final.shape is not None, "the shape head's log-odds count in the ranking"
+    best = final.realism.view(2, 2).argmax(1)
+    for i in range(2):
+        assert torch.equal(ranked.codes[i], drawn.codes[i * 2 + best[i]])
+        assert torch.equal(ranked.levels[0][i], chosen[i * 2 + best[i]])
+    # Layout 0 of a candidate is the layout it has without choosing.
+    plain = sample_stack(stack, 4, seed=cand, labels=cand_labels)
+    assert torch.equal(plain.levels[0], grids[:, 0])
+    one = sample_ranked(stack, 2, candidates=2, seed=seeds, labels=labels, layouts=1)
+    assert torch.equal(one.codes, sample_ranked(stack, 2, candidates=2, seed=seeds, labels=labels).codes)
+    with pytest.raises(ValueError, match="at least 1"):
+        sample_ranked(stack, 1, candidates=2, layouts=0)
+    with pytest.raises(ValueError, match=r"layout must be \[4, 16, 16\]"):
+        sample_stack(stack, 4, seed=cand, layout=chosen[:2])
+
+
+def test_layouts_need_a_layout_head_for_the_stacks_coarsest_grid(stack_with_critic: Path, tmp_path: Path):
+    from lesionstudio.studio import Studio, StudioError
+    from lesionstudio.synthesize import synthesize
+
+    stack = loading.load_stack(32, stack_with_critic)
+    with pytest.raises(ValueError, match="layout head"):
+        sample_ranked(stack, 1, candidates=1, layouts=2)
+    with pytest.raises(loading.CheckpointError, match="layout head"):
+        synthesize(tmp_path / "s", 1, stack, show_progress=False, layouts=2)
+    stack.critic = RealismCritic(**{**stack.critic.config, "layout_grid": 32})
+    with pytest.raises(ValueError, match="judges 32x32 layouts, but this stack's coarsest level is 16x16"):
+        sample_ranked(stack, 1, candidates=1, layouts=2)
+    studio = Studio(stack_with_critic)
+    assert studio.layout_grid == 0 and studio.default_layouts(32) == 1
+    with pytest.raises(StudioError, match="layout head"):
+        studio.generate(32, n=1, layouts=2)
+
+
+def test_synthesize_and_studio_choose_layouts(stack_with_layout_critic: Path, tmp_path: Path):
+    from lesionstudio.studio import DEFAULT_LAYOUTS, Studio, StudioError
+    from lesionstudio.synthesize import synthesize
+
+    stack = loading.load_stack(32, stack_with_layout_critic)
+    rows = synthesize(tmp_path / "s", 2, stack, batch_size=2, show_progress=False, candidates=2, layouts=3)
+    assert all(r["layouts"] == "3" and r["candidates"] == "2" and r["realism_score"] for r in rows)
+    assert "best of 3 drawn, by the critic's layout head" in (tmp_path / "s" / "README.md").read_text()
+    with pytest.raises(ValueError, match="layouts"):
+        synthesize(tmp_path / "s", 3, stack, batch_size=2, show_progress=False, candidates=2, layouts=4)
+    studio = Studio(stack_with_layout_critic)
+    assert studio.layout_grid == 16 and studio.default_layouts(32) == DEFAULT_LAYOUTS
+    a = studio.generate(32, n=2, seed=4, candidates=2, layouts=3)
+    ranked = sample_ranked(studio.pair(32), 2, 2, 1.0, [4, 5], layouts=3)
+    assert [im.tobytes() for im in a] == [
+        im.tobytes() for im in (to_image(x) for x in studio.pair(32).vqvae.decode_codes(ranked.codes))
+    ]
+    with pytest.raises(StudioError, match="Layouts per candidate"):
+        studio.generate(32, n=1, layouts=99)

@@ -67,7 +67,9 @@ KINDS = {
         {
             "layout": "heldout_layout_accuracy",
             "texture": "heldout_texture_accuracy",
-            "realism (mean logit)": "heldout_realism_accuracy",
+            "shape (lesion-shape head)": "heldout_shape_accuracy",
+            "realism (the ranking score)": "heldout_realism_accuracy",
+            "layout head (decoded layouts)": "heldout_layout_head_accuracy",
         },
     ),
 }
