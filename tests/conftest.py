@@ -9,10 +9,14 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# One torch thread unless the caller chose: the tests' tensors are small, and the app servers and
+# trainers they start run beside them; on CI's two cores two threads each made the suite slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "isic256"

@@ -229,6 +229,10 @@ def test_layouts_are_chosen_per_candidate_by_the_layout_head(stack_with_layout_c
     for i in range(2):
         assert torch.equal(ranked.codes[i], drawn.codes[i * 2 + best[i]])
         assert torch.equal(ranked.levels[0][i], chosen[i * 2 + best[i]])
+    # A sample is the same drawn alone as in a batch (what synthesize's --batch-size relies on).
+    for i in range(2):
+        alone = sample_ranked(stack, 1, candidates=2, seed=seeds[i : i + 1], labels=labels[i : i + 1], layouts=3)
+        assert torch.equal(alone.codes[0], ranked.codes[i])
     # Layout 0 of a candidate is the layout it has without choosing.
     plain = sample_stack(stack, 4, seed=cand, labels=cand_labels)
     assert torch.equal(plain.levels[0], grids[:, 0])
