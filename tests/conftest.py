@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 # One torch thread unless the caller chose: the tests' tensors are small, and the app servers and
-# trainers they start run beside them; on CI's two cores two threads each made the suite slower.
+# trainers they start need the other core.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
