@@ -24,13 +24,28 @@ from .hubmodel import WEIGHTS_LICENSE, HubModel, check_int
 from .lesionshape import FEATURE_NAMES, shape_features
 
 
-def branch(channels: int) -> nn.Sequential:
+class HighPass(nn.Module):
+    """An image (centred) beside its fine detail, the residual of a 3x3 box blur, amplified: the
+    detail is a few levels in 255, far below the image's own contrast, and a network given the
+    image alone does not learn to find it on a few hundred images."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        return torch.cat([x - 0.5, 8 * (x - blur)], dim=1)
+
+
+def branch(channels: int, highpass: bool = False) -> nn.Sequential:
     """Four stride-2 convolutions, global average pooling, one logit. GroupNorm, not BatchNorm:
-    the critic judges single images and small sets the same way in training and evaluation."""
-    layers: list[nn.Module] = []
-    ch_in = 3
+    the critic judges single images and small sets the same way in training and evaluation.
+    ``highpass``: the input is ``HighPass``'s and there is no normalisation, since one per image
+    divides out the very energy of fine detail that tells a blur, speckle or mottle from skin."""
+    layers: list[nn.Module] = [HighPass()] if highpass else []
+    ch_in = 6 if highpass else 3
     for ch in (channels, 2 * channels, 4 * channels, 4 * channels):
-        layers += [nn.Conv2d(ch_in, ch, 4, stride=2, padding=1), nn.GroupNorm(math.gcd(8, ch), ch), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(ch_in, ch, 4, stride=2, padding=1))
+        if not highpass:
+            layers.append(nn.GroupNorm(math.gcd(8, ch), ch))
+        layers.append(nn.LeakyReLU(0.2))
         ch_in = ch
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(ch_in, 1)]
     return nn.Sequential(*layers)
@@ -117,6 +132,7 @@ class RealismCritic(
         crops_per_side: int = 3,
         shape_head: bool = False,
         layout_grid: int = 0,  # the grid of the layouts the layout head judges; 0: no layout head
+        texture_highpass: bool = False,  # the texture branch sees fine detail (``HighPass``), unnormalised
     ) -> None:
         super().__init__()
         self.channels = check_int("channels", channels, minimum=4)
@@ -125,8 +141,10 @@ class RealismCritic(
         if not isinstance(shape_head, bool):
             raise ValueError(f"config value shape_head must be true or false, got {shape_head!r}")
         self.layout_grid = check_int("layout_grid", layout_grid, minimum=0)
+        if not isinstance(texture_highpass, bool):
+            raise ValueError(f"config value texture_highpass must be true or false, got {texture_highpass!r}")
         self.layout_net = branch(channels)
-        self.texture_net = branch(channels)
+        self.texture_net = branch(channels, highpass=texture_highpass)
         self.shape_head = ShapeHead() if shape_head else None
         # Judges the coarsest level's grids, decoded, before any detail is drawn on them.
         self.layout_head = ShapeHead() if layout_grid else None
@@ -167,19 +185,24 @@ class RealismCritic(
         shape = self.shape_head(shape_features(images, self.view_size).to(layout.device))
         return Judgement(layout, texture, shape)
 
-    def training_loss(self, images: torch.Tensor, real: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Binary cross-entropy of both branches on randomly turned images and one random crop
-        each (``real``: 1.0 for real images, 0.0 for generated ones)."""
+    def training_loss(
+        self, images: torch.Tensor, real: torch.Tensor, gen: torch.Generator, crops: int = 1
+    ) -> torch.Tensor:
+        """Binary cross-entropy of both branches on randomly turned images and ``crops`` random
+        crops each (``real``: 1.0 for real images, 0.0 for generated ones)."""
         self._check(images)
         turns = torch.randint(0, 8, (len(images),), generator=gen).tolist()
         turned = torch.stack([dihedral_variant(x, k) for x, k in zip(images, turns, strict=True)])
         v, (h, w) = self.view_size, images.shape[-2:]
-        ys = torch.randint(0, h - v + 1, (len(images),), generator=gen).tolist()
-        xs = torch.randint(0, w - v + 1, (len(images),), generator=gen).tolist()
-        crops = torch.stack([x[:, y : y + v, c : c + v] for x, y, c in zip(turned, ys, xs, strict=True)]).float()
+        owner = torch.arange(len(images)).repeat_interleave(crops).tolist()
+        ys = torch.randint(0, h - v + 1, (len(owner),), generator=gen).tolist()
+        xs = torch.randint(0, w - v + 1, (len(owner),), generator=gen).tolist()
+        views = torch.stack([turned[i, :, y : y + v, c : c + v] for i, y, c in zip(owner, ys, xs, strict=True)])
         layout = self.layout_net(self.layout_view(turned)).view(-1)
-        texture = self.texture_net(crops).view(-1)
-        return F.binary_cross_entropy_with_logits(layout, real) + F.binary_cross_entropy_with_logits(texture, real)
+        texture = self.texture_net(views.float()).view(-1)
+        return F.binary_cross_entropy_with_logits(layout, real) + F.binary_cross_entropy_with_logits(
+            texture, real.repeat_interleave(crops)
+        )
 
     @torch.no_grad()
     def judge_layouts(self, images: torch.Tensor) -> torch.Tensor:
@@ -210,6 +233,7 @@ class FitSettings:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    crops: int = 1  # random texture crops per image and step
 
 
 def fit(critic: RealismCritic, real: torch.Tensor, fake: torch.Tensor, settings: FitSettings) -> list[float]:
@@ -234,7 +258,7 @@ def fit(critic: RealismCritic, real: torch.Tensor, fake: torch.Tensor, settings:
         total = 0.0
         for s in range(0, len(order), settings.batch_size):
             idx = order[s : s + settings.batch_size]
-            loss = critic.training_loss(images[idx].float() / 255, target[idx], gen)
+            loss = critic.training_loss(images[idx].float() / 255, target[idx], gen, settings.crops)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

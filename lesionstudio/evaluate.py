@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .codedecoder import CodeDecoder
 from .data import LesionImageFolder, eval_transform, split_indices
 from .hubmodel import CheckpointError
 from .loading import check_coarse_stack, check_pair, load_stack_from
@@ -30,6 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vqvae", required=True, help="VQ-VAE folder or Hub repo id")
     p.add_argument("--data", type=Path, required=True, help="folder of images")
     p.add_argument("--prior", default=None, help="prior folder or Hub repo id (adds bits per code)")
+    p.add_argument(
+        "--decoder",
+        default=None,
+        help="post-trained decoder folder (decoder-N/): adds its PSNR and SSIM on the same codes",
+    )
     p.add_argument("--coarse-vqvae", default=None, help="a hierarchical prior's coarse VQ-VAE (default: beside it)")
     p.add_argument("--coarse-prior", default=None, help="a hierarchical prior's coarse prior (default: beside it)")
     p.add_argument("--limit", type=int, default=None, help="first N images (after --split)")
@@ -51,8 +57,11 @@ def main(argv: list[str] | None = None) -> None:
 
     vq = VQVAE.from_pretrained(args.vqvae).to(device)
     prior = GatedPixelCNN.from_pretrained(args.prior).to(device) if args.prior else None
-    coarse = None
+    coarse, decoder = None, None
     try:
+        if args.decoder:
+            decoder = CodeDecoder.from_pretrained(args.decoder).to(device)
+            decoder.check_fits(vq, args.decoder)
         if prior is not None:
             check_pair(vq, prior, args.vqvae, args.prior)
             if prior.hierarchical:
@@ -65,10 +74,14 @@ def main(argv: list[str] | None = None) -> None:
         ds = ds.subset(val_idx if args.split == "val" else train_idx)
     if args.limit is not None:
         ds = ds.subset(range(min(args.limit, len(ds))))
-    r = evaluate(vq, ds, prior, device, args.batch_size, use_labels=args.labels is not None, coarse=coarse)
+    r = evaluate(
+        vq, ds, prior, device, args.batch_size, use_labels=args.labels is not None, coarse=coarse, decoder=decoder
+    )
     print(f"images:        {r['images']} ({args.data}, split {args.split})")
     print(f"PSNR:          {r['psnr']:.2f} dB")
     print(f"SSIM:          {r['ssim']:.4f}")
+    if decoder is not None:
+        print(f"post-trained decoder on the same codes: PSNR {r['decoder_psnr']:.2f} dB, SSIM {r['decoder_ssim']:.4f}")
     print(f"perplexity:    {r['perplexity']:.1f}")
     print(f"codes used:    {r['codes_used']} / {r['num_codes']}")
     print(f"unigram:       {r['unigram_bits']:.3f} bits/code (a model that ignores context)")
@@ -82,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.json:
         keys = ("psnr", "ssim", "perplexity", "codes_used", "bits_per_code", "unigram_bits")
-        extra = ("fine_given_coarse_bits", "coarse_bits_per_code")
+        extra = ("fine_given_coarse_bits", "coarse_bits_per_code", "decoder_psnr", "decoder_ssim")
         print(json.dumps({k: r[k] for k in keys} | {k: r[k] for k in extra if k in r}))
 
 

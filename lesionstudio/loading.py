@@ -22,6 +22,7 @@ import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
+from .codedecoder import CodeDecoder
 from .critic import RealismCritic
 from .hubmodel import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 from .pixelcnn import GatedPixelCNN
@@ -152,7 +153,21 @@ def load_stack(
         raise CheckpointError(f"{source} has no pixelcnn-{latent}/ prior for its vqvae-{latent}")
     stack = _assemble(vq, vq_dir, prior_dir, source, device, revision)
     stack.critic = load_critic(source, device, revision)
+    stack.decoder = load_decoder(vq, f"decoder-{latent}", source, device, revision)
     return stack
+
+
+def load_decoder(
+    vq: VQVAE, name: str, source: str | Path, device: torch.device | str = "cpu", revision: str | None = None
+) -> CodeDecoder | None:
+    """The post-trained decoder folder ``name`` of a source (None where there is none), checked
+    to read this VQ-VAE's codebook bit for bit."""
+    folder = _local_model_dir(source, name, revision)
+    if folder is None:
+        return None
+    decoder = CodeDecoder.from_pretrained(folder).to(device).eval()
+    decoder.check_fits(vq, str(folder))
+    return decoder
 
 
 def has_critic(source: str | Path | None = None, revision: str | None = None) -> bool:

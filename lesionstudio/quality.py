@@ -34,6 +34,7 @@ import json
 import math
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,10 +43,13 @@ from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from .critic import FitSettings
-from .data import ImageLoadError, eval_transform, find_images, load_image, split_files
+from .data import ImageLoadError, as_uint8, eval_transform, find_images, load_image, split_files
 from .features import EncoderFeatures, compute, feature_model
 from .hubmodel import CheckpointError
-from .twosample import TwoSampleResult, blurred, load_uint8, two_sample_test
+from .loading import LATENTS, load_stack
+from .stack import ModelStack
+from .teacherforcing import likeliest_classes, teacher_forced_draws
+from .twosample import YARDSTICK, TestDesign, TwoSampleResult, blurred, load_uint8, two_sample_test
 from .vqvae import VQVAE
 
 
@@ -153,26 +157,56 @@ def report(
 def reconstructions(images: torch.Tensor, vqvae: VQVAE, batch_size: int = 16) -> torch.Tensor:
     """uint8 images through a VQ-VAE and back."""
     out = [vqvae.reconstruct(images[i : i + batch_size].float() / 255)[0] for i in range(0, len(images), batch_size)]
-    return (torch.cat(out) * 255).round().clamp(0, 255).to(torch.uint8)
+    return as_uint8(torch.cat(out))
+
+
+@torch.no_grad()
+def decoded_teacher_forced(
+    images: torch.Tensor, stack: ModelStack, seed: int = 0, batch_size: int = 16
+) -> torch.Tensor:
+    """uint8 images whose finest codes are one teacher-forced draw of the stack's prior (given
+    the real codes before each position and the real coarse grid), decoded as samples are
+    (``ModelStack.render``): the layout is the real one, the detail what the prior would draw."""
+    prior = stack.checked_prior()
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].float() / 255
+        levels = stack.encode(x)
+        coarse = levels[-2] if prior.hierarchical else None
+        labels = likeliest_classes(prior, levels[-1], coarse) if prior.num_classes else None
+        drawn = teacher_forced_draws(prior, levels[-1], labels, coarse, generator=gen)[0]
+        out.append(stack.render(drawn))
+    return as_uint8(torch.cat(out))
 
 
 def c2st_calibration(
-    real_files: list[Path], settings: FitSettings, vqvae: VQVAE | None = None
+    real_files: list[Path],
+    settings: FitSettings,
+    vqvae: VQVAE | None = None,
+    stack: ModelStack | None = None,
+    design: TestDesign | None = None,
+    controls: bool = True,
 ) -> dict[str, TwoSampleResult]:
-    """The test on known differences: real vs real, vs blurred real, vs reconstructions (halves
-    of the real set, so no image is compared with its own copy)."""
+    """The test on known differences: real vs real and vs blurred real (the ``controls``), vs
+    reconstructions, vs decoded teacher-forced draws of ``stack`` (halves of the real set, so
+    no image is compared with its own copy; the halves depend on the seed only)."""
     real = load_uint8(real_files)
     gen = torch.Generator().manual_seed(settings.seed)
     perm = torch.randperm(len(real), generator=gen)
     a, b = real[perm[: len(real) // 2]], real[perm[len(real) // 2 :]]
-    rows = {
-        "real vs real": two_sample_test(a, b, settings),
-        "real vs blurred real (sigma 1 px)": two_sample_test(a, blurred(b, 1.0), settings),
-    }
+    rows = {}
+    if controls:
+        rows["real vs real"] = two_sample_test(a, b, settings, design)
+        rows["real vs blurred real (sigma 1 px)"] = two_sample_test(a, blurred(b, 1.0), settings, design)
     if vqvae is not None:
         rows[f"real vs {vqvae.latent_size}x{vqvae.latent_size} VQ-VAE reconstructions"] = two_sample_test(
-            a, reconstructions(b, vqvae), settings
+            a, reconstructions(b, vqvae), settings, design
         )
+    if stack is not None:
+        which = "post-trained" if stack.decoder is not None else "VQ-VAE's own"
+        name = f"real vs decoded {stack.latent}x{stack.latent} teacher-forced draws ({which} decoder)"
+        rows[name] = two_sample_test(a, decoded_teacher_forced(b, stack, settings.seed), settings, design)
     return rows
 
 
@@ -204,7 +238,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--c2st-only", action="store_true", help="the classifier two-sample test alone (no FD-VQ)")
     p.add_argument("--c2st-calibrate", action="store_true", help="C2ST of the real set against known differences")
     p.add_argument("--reconstruct-with", default=None, help="VQ-VAE folder for the calibration's reconstructions")
-    p.add_argument("--c2st-epochs", type=int, default=FitSettings.epochs)
+    p.add_argument(
+        "--no-controls",
+        action="store_true",
+        help="calibration without its real-vs-real and blur rows (to add a row to an earlier run: same --seed)",
+    )
+    p.add_argument("--c2st-epochs", type=int, default=YARDSTICK.epochs, help="the test classifier's epochs")
+    p.add_argument("--c2st-crops", type=int, default=YARDSTICK.crops, help="random texture crops per image and step")
+    p.add_argument(
+        "--c2st-plain-texture",
+        action="store_true",
+        help="the earlier test classifier (texture branch without the fine-detail input; with --c2st-crops 1, "
+        "the yardstick before the post-trained decoders)",
+    )
+    p.add_argument(
+        "--teacher-forced",
+        type=int,
+        choices=LATENTS,
+        default=None,
+        metavar="LATENT",
+        help="calibration row: real vs decoded teacher-forced draws of that stack (from --checkpoints)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     args = p.parse_args(argv)
@@ -215,12 +269,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    settings = FitSettings(epochs=args.c2st_epochs, seed=args.seed)
+    settings = replace(YARDSTICK, epochs=args.c2st_epochs, crops=args.c2st_crops, seed=args.seed)
+    design = TestDesign(texture_highpass=not args.c2st_plain_texture)
     try:
         real_files = split_files(find_images(args.real), args.real_split)[: args.limit]
         if args.c2st_calibrate:
             vq = VQVAE.from_pretrained(args.reconstruct_with).eval() if args.reconstruct_with else None
-            rows = c2st_calibration(real_files, settings, vq)
+            stack = None if args.teacher_forced is None else load_stack(args.teacher_forced, args.checkpoints)
+            rows = c2st_calibration(real_files, settings, vq, stack, design, controls=not args.no_controls)
             for name, r in rows.items():
                 print_c2st(name, r)
             if args.json:
@@ -237,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             out = report(real_files, fake_files, extractor, args.inception_weights)
             print_distances(out)
         if args.c2st or args.c2st_only:
-            r = two_sample_test(load_uint8(real_files), load_uint8(fake_files), settings)
+            r = two_sample_test(load_uint8(real_files), load_uint8(fake_files), settings, design)
             print_c2st(f"{len(real_files)} real vs {len(fake_files)} generated", r)
             out["c2st"] = r.as_dict()
     except (FileNotFoundError, ValueError, CheckpointError, ImageLoadError) as exc:

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from . import metrics
+from .codedecoder import CodeDecoder
 from .data import collate_skip_bad
 from .pixelcnn import GatedPixelCNN
 from .stack import ModelStack, stack_bits
@@ -84,14 +85,17 @@ def evaluate(
     use_labels: bool = False,
     limit: int | None = None,
     coarse: ModelStack | None = None,
+    decoder: CodeDecoder | None = None,
 ) -> dict:
     """Mean PSNR and SSIM of the reconstructions, codebook usage and (with a prior) bits per
     code over a data set (its transform should be the eval transform), first `limit` images.
-    A hierarchical prior needs ``coarse``, the stack of coarser levels it fills in."""
+    A hierarchical prior needs ``coarse``, the stack of coarser levels it fills in. With a
+    post-trained ``decoder``, also its PSNR and SSIM on the same codes (``decoder_psnr``, ``decoder_ssim``)."""
     vqvae.eval()
     if prior is not None and prior.hierarchical and (coarse is None or coarse.prior is None):
         raise ValueError("a hierarchical prior is scored with its coarser levels (coarse=)")
     psnrs, ssims, all_codes, all_labels = [], [], [], []
+    dec_psnrs, dec_ssims = [], []
     hier = prior is not None and prior.hierarchical and coarse is not None
     all_coarse: list[list[torch.Tensor]] = []
     for batch in tqdm(_loader(dataset, limit, batch_size), desc="evaluating", unit="batch", mininterval=2):
@@ -103,6 +107,10 @@ def evaluate(
         ssims.append(metrics.ssim(recon, images).cpu())
         all_codes.append(codes.cpu())
         all_labels.append(batch.labels)
+        if decoder is not None:
+            rendered = decoder.decode_codes(codes)
+            dec_psnrs.append(metrics.psnr(rendered, images).cpu())
+            dec_ssims.append(metrics.ssim(rendered, images).cpu())
         if hier:
             assert coarse is not None
             all_coarse.append([c.cpu() for c in coarse.encode(images)])
@@ -120,6 +128,9 @@ def evaluate(
         "bits_per_code": None,
         "unigram_bits": metrics.entropy_bits(counts),
     }
+    if decoder is not None:
+        result["decoder_psnr"] = float(torch.cat(dec_psnrs).mean())
+        result["decoder_ssim"] = float(torch.cat(dec_ssims).mean())
     if prior is not None:
         labels = torch.cat(all_labels)
         if not use_labels or prior.num_classes == 0 or bool((labels < 0).any()):

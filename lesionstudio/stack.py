@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .codedecoder import CodeDecoder
 from .critic import RealismCritic
 from .data import as_saved
 from .pixelcnn import GatedPixelCNN
@@ -70,6 +71,16 @@ class ModelStack:
     usage: list[int] | None = field(default=None, repr=False)
     coarse: ModelStack | None = field(default=None, repr=False)
     critic: RealismCritic | None = field(default=None, repr=False)  # ranks candidate samples
+    # Post-trained on the codes the priors draw (``lesionstudio.codedecoder``); None: the VQ-VAE's own.
+    decoder: CodeDecoder | None = field(default=None, repr=False)
+
+    @torch.no_grad()
+    def render(self, codes: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] of drawn code grids [B, h, w] at this level: by the
+        post-trained decoder where the stack has one, else by the VQ-VAE's own decoder."""
+        if self.decoder is not None:
+            return self.decoder.decode_codes(codes, chunk)
+        return self.vqvae.decode_codes(codes, chunk)
 
     @property
     def levels(self) -> list[ModelStack]:
@@ -269,7 +280,9 @@ def sample_ranked(
         layout = choose_layouts(stack, seeds, layouts, first, lab, _split(progress, 0.0, share))
         progress = _split(progress, share, 1.0)
     drawn = sample_stack(stack, n * m, temperature, seeds, lab, progress, guidance=guidance, layout=layout)
-    # Judged as saved: the shape head's segmentation can tip on a pixel's last fraction of a level.
+    # Judged as saved (the shape head's segmentation can tip on a pixel's last fraction of a
+    # level), and as the VQ-VAE's own decoder renders them: what the critic was trained on. So
+    # the choice of codes does not depend on which decoder renders the kept ones.
     images = as_saved(stack.vqvae.decode_codes(drawn.codes))
     scores = stack.critic.judge(images).realism.view(n, m)
     keep = torch.arange(n) * m + scores.argmax(1)

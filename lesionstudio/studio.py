@@ -94,12 +94,16 @@ class NeighbourIndex:
 @dataclass
 class Reconstruction:
     original: Image.Image
-    reconstruction: Image.Image
+    reconstruction: Image.Image  # by the VQ-VAE's own (faithful) decoder
     error: Image.Image
     code_map: Image.Image
     psnr: float
     ssim: float
     codes: torch.Tensor
+    # By the post-trained decoder that renders generated codes, where the stack has one.
+    rendered: Image.Image | None = None
+    rendered_psnr: float | None = None
+    rendered_ssim: float | None = None
 
 
 @dataclass(frozen=True)
@@ -200,7 +204,7 @@ class Studio:
         pair = self.pair(latent)
         x = self._tensor(open_upload(image), pair)
         recon, codes = pair.vqvae.reconstruct(x)
-        return Reconstruction(
+        out = Reconstruction(
             original=to_pil(x),
             reconstruction=to_pil(recon),
             error=error_heatmap(recon[0], x[0]),
@@ -209,6 +213,12 @@ class Studio:
             ssim=float(metrics.ssim(recon, x)[0]),
             codes=codes[0].cpu(),
         )
+        if pair.decoder is not None:
+            rendered = pair.decoder.decode_codes(codes)
+            out.rendered = to_pil(rendered)
+            out.rendered_psnr = float(metrics.psnr(rendered, x)[0])
+            out.rendered_ssim = float(metrics.ssim(rendered, x)[0])
+        return out
 
     def codebook_usage(self, latent: int | str) -> tuple[go.Figure, dict]:
         """Sorted usage histogram over the training images and its summary numbers."""
@@ -435,7 +445,7 @@ class Studio:
             )
         else:
             drawn = sample_stack(pair, len(seeds), temps, seeds, labels, progress, guidance=guidance)
-        return [to_pil(img) for img in pair.vqvae.decode_codes(drawn.codes)]
+        return [to_pil(img) for img in pair.render(drawn.codes)]
 
     @torch.no_grad()
     def inpaint(
@@ -465,8 +475,8 @@ class Studio:
         out = inpaint_stack(
             pair, levels, code_mask.to(codes.device), n=n, temperature=float(temperature), seed=seed, progress=progress
         )
-        images = [to_pil(img) for img in pair.vqvae.decode_codes(out)]
-        original = to_pil(pair.vqvae.decode_codes(codes[None]))
+        images = [to_pil(img) for img in pair.render(out)]
+        original = to_pil(pair.render(codes[None]))
         return Inpainting(original, images, codes.cpu(), code_mask, list(out.cpu()))
 
     def quiz_trials(self, n: int, seed: int) -> list[Trial]:

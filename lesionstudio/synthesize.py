@@ -65,6 +65,7 @@ OPTIONAL = [
     "realism_score",
     "guidance",
     "layouts",
+    "decoder_sha256",
 ]
 COLUMNS = REQUIRED + OPTIONAL
 # Columns that must agree between the rows already in a folder and a new run.
@@ -81,9 +82,17 @@ SETTINGS = [
     "critic_sha256",
     "guidance",
     "layouts",
+    "decoder_sha256",
 ]
 # What a folder made before a column existed holds for it (so it still resumes).
-DEFAULTS = {"detail_temperature": "", "candidates": "1", "critic_sha256": "", "guidance": "1.0", "layouts": "1"}
+DEFAULTS = {
+    "detail_temperature": "",
+    "candidates": "1",
+    "critic_sha256": "",
+    "guidance": "1.0",
+    "layouts": "1",
+    "decoder_sha256": "",
+}
 METADATA = "metadata.csv"
 
 
@@ -97,6 +106,11 @@ def image_seed(seed: int, index: int) -> int:
 def critic_sha256(stack: ModelStack) -> str:
     """SHA-256 of the critic's weights as loaded (it may come from a Hub cache), or "" without one."""
     return "" if stack.critic is None else state_sha256(stack.critic)
+
+
+def decoder_sha256(stack: ModelStack) -> str:
+    """SHA-256 of the post-trained decoder's weights as loaded, or "" where the VQ-VAE's own decodes."""
+    return "" if stack.decoder is None else state_sha256(stack.decoder)
 
 
 def file_name(index: int) -> str:
@@ -162,6 +176,11 @@ def _coarse_line(settings: dict[str, str]) -> str:
         lines += f"\n- each candidate's layout the best of {settings['layouts']} drawn, by the critic's layout head"
     if float(settings["guidance"]) != 1.0:
         lines += f"\n- layout guidance {settings['guidance']}: the finer levels follow the layout more closely"
+    if settings["decoder_sha256"]:
+        lines += (
+            "\n- decoded by the post-trained decoder (`decoder-N/`, weights SHA-256 "
+            f"`{settings['decoder_sha256']}`), not the VQ-VAE's own"
+        )
     return lines
 
 
@@ -187,7 +206,7 @@ def synthesize(
     with ``candidates`` > 1 each image is the best-scored of that many (the stack needs a critic);
     ``guidance`` sets how closely the finer levels follow the layout (1: the priors as trained);
     with ``layouts`` > 1 each candidate's layout is the best of that many (the critic's layout head)."""
-    prior, vq = pair.prior, pair.vqvae
+    prior = pair.prior
     if prior is None:
         raise CheckpointError(f"no prior for the {pair.latent}x{pair.latent} grid in {pair.source}")
     if n < 1 or batch_size < 1:
@@ -232,6 +251,7 @@ def synthesize(
         "critic_sha256": critic_sha256(pair),
         "guidance": repr(float(guidance)),
         "layouts": str(layouts),
+        "decoder_sha256": decoder_sha256(pair),
     }
     rows = read_metadata(out / METADATA)
     for row in rows.values():
@@ -262,7 +282,7 @@ def synthesize(
             drawn = sample_ranked(pair, len(batch), candidates, temps, seeds, lab, guidance=guidance, layouts=layouts)
         labels = drawn.labels
         bits = stack_nll_bits(pair, drawn.levels, labels).cpu()
-        images = vq.decode_codes(drawn.codes).cpu()
+        images = pair.render(drawn.codes).cpu()
         for j, i in enumerate(batch):
             png = io.BytesIO()
             to_pil(images[j]).save(png, format="PNG")

@@ -163,7 +163,21 @@ def build(
         r = studio.reconstruct(image, latent)
         encoding, cpu = time.perf_counter(), time.thread_time() - cpu
         stats = {"psnr_db": round(r.psnr, 2), "ssim": round(r.ssim, 4), "latent": int(latent)}
-        out = *(files.png(i) for i in (r.original, r.reconstruction, r.error, r.code_map)), stats
+        rendered = None
+        if r.rendered is not None:
+            stats |= {
+                "generation_decoder_psnr_db": round(r.rendered_psnr, 2),
+                "generation_decoder_ssim": round(r.rendered_ssim, 4),
+            }
+            rendered = files.png(r.rendered)
+        out = (
+            files.png(r.original),
+            files.png(r.reconstruction),
+            rendered,
+            files.png(r.error),
+            files.png(r.code_map),
+            stats,
+        )
         done = time.perf_counter()
         timings.record("reconstruct", handler=done - began, ran=encoding - began, cpu=cpu, encode=done - encoding)
         return out
@@ -176,7 +190,7 @@ def build(
 
     def reconstruct_new(image: str | None, latent: str):
         """Reconstruct as soon as an image arrives (upload or example); clearing does nothing."""
-        return reconstruct(image, latent) if image else tuple(gr.skip() for _ in range(5))
+        return reconstruct(image, latent) if image else tuple(gr.skip() for _ in range(6))
 
     @user_errors
     def codebook(latent: str, code: float):
@@ -263,11 +277,16 @@ def build(
                     r_stats = gr.JSON(label="Metrics")
                 with gr.Column(scale=2), gr.Row():
                     r_orig = gr.Image(label="Preprocessed input", format="png")
-                    r_rec = gr.Image(label="Reconstruction", format="png", elem_id="reconstruction")
+                    r_rec = gr.Image(label="Reconstruction (faithful decoder)", format="png", elem_id="reconstruction")
+                    r_rendered = gr.Image(
+                        label="Generation decoder (renders the samples; none for this grid if empty)",
+                        format="png",
+                        elem_id="rendered",
+                    )
                 with gr.Column(scale=2), gr.Row():
                     r_err = gr.Image(label="Error heat-map", format="png")
                     r_map = gr.Image(label="Code map", format="png")
-            r_outputs = [r_orig, r_rec, r_err, r_map, r_stats]
+            r_outputs = [r_orig, r_rec, r_rendered, r_err, r_map, r_stats]
             r_btn.click(reconstruct, [r_in, r_latent], r_outputs, api_name="reconstruct")
             r_in.change(reconstruct_new, [r_in, r_latent], r_outputs, api_name=False)
             if r_examples:

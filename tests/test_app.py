@@ -34,10 +34,13 @@ load = result_pixels
 
 
 def test_reconstruct_endpoint(client: Client, upload: str):
-    original, recon, error, code_map, stats = client.predict(handle_file(upload), "32", api_name="/reconstruct")
+    original, recon, rendered, error, code_map, stats = client.predict(
+        handle_file(upload), "32", api_name="/reconstruct"
+    )
     for img in (original, recon, error, code_map):
         assert load(img).shape == (256, 256, 3)
     assert set(stats) >= {"psnr_db", "ssim"} and np.isfinite(stats["psnr_db"])
+    assert rendered is None and "generation_decoder_psnr_db" not in stats  # no decoder-32/ here
 
 
 def test_codebook_endpoint(client: Client):

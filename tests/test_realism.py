@@ -15,9 +15,10 @@ from lesionstudio.critic import FitSettings, RealismCritic
 from lesionstudio.data import as_saved
 from lesionstudio.data import to_pil as to_image
 from lesionstudio.stack import CANDIDATE_SEED_OFFSET, sample_ranked, sample_stack
-from lesionstudio.twosample import blurred, two_sample_test
+from lesionstudio.twosample import TestDesign, blurred, two_sample_test
 
 QUICK = FitSettings(epochs=8, batch_size=16, lr=3e-3, seed=0)
+SMALL = TestDesign(channels=8)
 
 
 def lesions(n: int, start: int, size: int = 96) -> torch.Tensor:
@@ -28,14 +29,35 @@ def lesions(n: int, start: int, size: int = 96) -> torch.Tensor:
 
 def test_two_sample_test_is_near_chance_for_one_distribution_and_high_for_another():
     real, other = lesions(48, 0), lesions(48, 1000)
-    same = two_sample_test(real, other, QUICK, channels=8)
+    same = two_sample_test(real, other, QUICK, SMALL)
     assert same.train_per_set == 24 and same.test_per_set == 24
     assert same.layout_accuracy <= 0.75 and same.texture_accuracy <= 0.75
     noisy = other.float() + 60 * torch.randn(other.shape, generator=torch.Generator().manual_seed(0))
-    apart = two_sample_test(real, noisy.clamp(0, 255).to(torch.uint8), QUICK, channels=8)
+    apart = two_sample_test(real, noisy.clamp(0, 255).to(torch.uint8), QUICK, SMALL)
     assert apart.texture_accuracy >= 0.9 and apart.layout_accuracy >= 0.6
-    again = two_sample_test(real, other, QUICK, channels=8)
+    again = two_sample_test(real, other, QUICK, SMALL)
     assert (again.layout_accuracy, again.texture_accuracy) == (same.layout_accuracy, same.texture_accuracy), "seeded"
+
+
+def test_the_yardstick_sees_a_one_pixel_blur_that_the_plain_texture_branch_misses():
+    real, other = lesions(64, 0), lesions(64, 1000)
+    settings = FitSettings(epochs=10, batch_size=16, lr=2e-3, seed=0, crops=4)
+    blur = two_sample_test(real, blurred(other, 1.0), settings, SMALL)
+    assert blur.texture_accuracy >= 0.8, blur
+    same = two_sample_test(real, other, settings, SMALL)
+    assert abs(same.texture_accuracy - 0.5) <= 0.15 and abs(same.layout_accuracy - 0.5) <= 0.2, same
+    plain = two_sample_test(real, blurred(other, 1.0), settings, TestDesign(channels=8, texture_highpass=False))
+    assert plain.texture_accuracy < blur.texture_accuracy
+
+
+def test_critic_training_with_several_crops_per_image_keeps_one_crop_as_before():
+    critic = RealismCritic(channels=4, view_size=32, crops_per_side=2)
+    images, real = torch.rand(4, 3, 48, 48), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    one = critic.training_loss(images, real, torch.Generator().manual_seed(0))
+    again = critic.training_loss(images, real, torch.Generator().manual_seed(0), crops=1)
+    assert torch.equal(one, again)
+    many = critic.training_loss(images, real, torch.Generator().manual_seed(0), crops=3)
+    assert torch.isfinite(many) and not torch.equal(many, one)
 
 
 def test_blur_is_a_blur():
@@ -134,12 +156,21 @@ def test_quality_c2st_and_calibration_commands(tmp_path: Path, stack_with_critic
             "1",
             "--reconstruct-with",
             vq,
+            "--teacher-forced",
+            "32",
+            "--checkpoints",
+            str(stack_with_critic),
             "--json",
         ]
     )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])
-    assert set(rows) == {"real vs real", "real vs blurred real (sigma 1 px)", "real vs 32x32 VQ-VAE reconstructions"}
+    assert set(rows) == {
+        "real vs real",
+        "real vs blurred real (sigma 1 px)",
+        "real vs 32x32 VQ-VAE reconstructions",
+        "real vs decoded 32x32 teacher-forced draws (VQ-VAE's own decoder)",
+    }
     res = run_module(["-m", "lesionstudio.quality", "--real", str(tmp_path / "real")])
     assert res.returncode != 0 and "--generated is required" in res.stderr
 

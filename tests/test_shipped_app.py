@@ -46,8 +46,14 @@ def upload(tmp_path: Path) -> str:
 def test_reconstruct_at_every_size_is_sharper_on_finer_grids(client: Client, upload: str):
     psnr = {}
     for latent in ("16", "32", "64", "128"):
-        original, recon, error, code_map, stats = client.predict(handle_file(upload), latent, api_name="/reconstruct")
+        original, recon, rendered, error, code_map, stats = client.predict(
+            handle_file(upload), latent, api_name="/reconstruct"
+        )
         assert load(recon).shape == (256, 256, 3) and stats["latent"] == int(latent)
+        # The shipped post-trained decoder (decoder-64/) is shown beside the faithful one.
+        assert (rendered is not None) == (latent == "64")
+        if rendered is not None:
+            assert load(rendered).shape == (256, 256, 3) and stats["generation_decoder_psnr_db"] > 20
         assert load(code_map).shape[:2] == (256, 256)
         psnr[latent] = stats["psnr_db"]
     assert psnr["16"] < psnr["32"] < psnr["64"] < psnr["128"], psnr

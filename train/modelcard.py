@@ -59,6 +59,7 @@ KINDS = {
     "prior": Kind(
         GENERATION, ("pixelcnn", "autoregressive", "dermoscopy", "skin-lesion", "isic", "lesionstudio"), VALIDATION
     ),
+    "decoder": Kind(GENERATION, ("vq-vae", "decoder", "dermoscopy", "skin-lesion", "isic", "lesionstudio"), VALIDATION),
     "critic": Kind(
         "image-classification",
         ("dermoscopy", "synthetic-image-detection", "lesionstudio"),
@@ -76,9 +77,11 @@ KINDS = {
 
 
 def kind_of(config: dict) -> str:
-    """``vqvae``, ``prior`` or ``critic``, from a checkpoint's config.json."""
+    """``vqvae``, ``prior``, ``decoder`` or ``critic``, from a checkpoint's config.json."""
     if "view_size" in config:
         return "critic"
+    if "objective" in config:
+        return "decoder"
     return "prior" if "num_layers" in config else "vqvae"
 
 
@@ -89,6 +92,9 @@ def title(config: dict) -> str:
         return "LesionStudio realism critic"
     if kind == "prior":
         return f"LesionStudio Gated PixelCNN prior, {config['grid_size']}×{config['grid_size']} code grid"
+    if kind == "decoder":
+        grid = config["image_size"] // config["downsample"]
+        return f"LesionStudio post-trained decoder ({config['objective']}), {grid}×{grid} code grid"
     grid = config["image_size"] // config["downsample"]
     return f"LesionStudio VQ-VAE, {grid}×{grid} code grid"
 
