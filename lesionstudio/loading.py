@@ -170,6 +170,12 @@ def load_decoder(
     return decoder
 
 
+def decoder_latents(source: str | Path | None = None, revision: str | None = None) -> list[int]:
+    """Latent sizes for which a source holds a post-trained generation decoder (``decoder-N/``)."""
+    source = default_source() if source is None else source
+    return [latent for latent in LATENTS if _local_model_dir(source, f"decoder-{latent}", revision)]
+
+
 def has_critic(source: str | Path | None = None, revision: str | None = None) -> bool:
     """Whether a checkpoints source holds a realism critic (without loading it)."""
     return _local_model_dir(default_source() if source is None else source, CRITIC_NAME, revision) is not None

@@ -25,7 +25,15 @@ from PIL import Image
 from . import metrics
 from .data import ImageLoadError, eval_transform, find_images, load_image, to_pil
 from .features import EncoderFeatures, cached, compute, dihedral, feature_transform
-from .loading import LATENTS, available_latents, critic_layout_grid, default_source, has_critic, load_stack
+from .loading import (
+    LATENTS,
+    available_latents,
+    critic_layout_grid,
+    decoder_latents,
+    default_source,
+    has_critic,
+    load_stack,
+)
 from .neighbours import DEFAULT_THRESHOLD, nearest
 from .pixelcnn import ClassNameError
 from .plots import code_map_image, codebook_usage_figure, error_heatmap
@@ -153,6 +161,8 @@ class Studio:
         # A latent size with a VQ-VAE but no prior still serves Reconstruct and Codebook.
         self.latents = available_latents(self.source, require_prior=False)
         self.has_critic = has_critic(self.source)
+        # Grids whose samples a post-trained decoder renders (Reconstruct shows it beside the VQ-VAE's).
+        self.decoder_latents = decoder_latents(self.source)
         # Layouts can be chosen when the critic's layout head judges this source's coarsest grid.
         self.layout_grid = critic_layout_grid(self.source)
         if not self.latents:

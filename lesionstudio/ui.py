@@ -277,11 +277,12 @@ def build(
                     r_stats = gr.JSON(label="Metrics")
                 with gr.Column(scale=2), gr.Row():
                     r_orig = gr.Image(label="Preprocessed input", format="png")
-                    r_rec = gr.Image(label="Reconstruction (faithful decoder)", format="png", elem_id="reconstruction")
+                    r_rec = gr.Image(label="Reconstruction", format="png", elem_id="reconstruction")
                     r_rendered = gr.Image(
-                        label="Generation decoder (renders the samples; none for this grid if empty)",
+                        label="Generation decoder",  # what renders the samples; empty for a grid without one
                         format="png",
                         elem_id="rendered",
+                        visible=bool(studio.decoder_latents),  # shown where the checkpoints have one
                     )
                 with gr.Column(scale=2), gr.Row():
                     r_err = gr.Image(label="Error heat-map", format="png")

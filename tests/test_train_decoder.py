@@ -150,6 +150,7 @@ def test_a_shipped_decoder_renders_samples_and_is_shown_in_reconstruct(trained: 
     assert torch.equal(stack.coarse.render(codes[:, :16, :16]), stack.coarse.vqvae.decode_codes(codes[:, :16, :16]))
 
     studio = Studio(stack_with_critic)
+    assert studio.decoder_latents == [32]
     upload = next((trained.parent / "images" / "train").iterdir())
     r = studio.reconstruct(str(upload), 32)
     assert r.rendered is not None and r.rendered.size == r.reconstruction.size
