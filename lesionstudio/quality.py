@@ -17,10 +17,12 @@ torch-fidelity's port of the TensorFlow FID network). The file is read as tensor
 
 With ``--c2st``, also a classifier two-sample test (``lesionstudio.twosample``): accuracy of a
 small CNN telling real from generated on held-out halves, by layout (whole image downscaled)
-and by texture (full-resolution crops); 0.5 = indistinguishable. ``--c2st-calibrate`` prints
-what it scores for known differences instead: two halves of the real set, real vs the other
-half blurred (sigma 1 px), and with ``--reconstruct-with VQVAE`` real vs that VQ-VAE's
-reconstructions of the other half.
+and by texture (full-resolution crops, beside their fine detail); 0.5 = indistinguishable.
+``--c2st-calibrate`` prints what it scores for known differences instead: two halves of the
+real set, real vs the other half blurred (sigma 1 px), with ``--reconstruct-with VQVAE`` real
+vs that VQ-VAE's reconstructions of the other half, and with ``--teacher-forced LATENT`` real
+vs the other half's codes redrawn teacher-forced by that stack's prior and decoded as its
+samples are (``--no-controls`` leaves out the first two rows).
 
 Frechet distances are biased upwards for small sets, so the floor and the comparison use sets
 of equal size n = min(real / 2, generated): give at least twice as many real images as
