@@ -35,6 +35,7 @@ from lesionstudio.codes import codes_key, state_sha256
 from lesionstudio.data import LesionImageFolder, collate_skip_bad, eval_transform, split_indices
 from lesionstudio.hubmodel import CheckpointError
 from lesionstudio.loading import LATENTS, load_stack
+from lesionstudio.plots import write_curves
 from lesionstudio.stack import ModelStack
 from lesionstudio.teacherforcing import mix_codes, teacher_forced_draws
 
@@ -339,8 +340,6 @@ def end_epoch(run: Run, epoch: int, stats: dict[str, float]) -> None:
     args = run.args
     record = {"epoch": epoch + 1, **stats, **validate(run), "lr": run.opt.lr}
     common.append_jsonl(args.out / "metrics.jsonl", record)
-    from lesionstudio.plots import write_curves
-
     write_curves(
         common.read_jsonl(args.out / "metrics.jsonl"),
         {
