@@ -2,9 +2,9 @@
 
 A fresh ``RealismCritic`` learns real vs generated on one half of each set and is scored on the
 other half: accuracy 0.5 means indistinguishable, 1.0 told apart every time. Its two branches
-give two scores, **layout** (whole images downscaled) and **texture** (full-resolution crops),
-each image judged by the mean logit of several views. Seeded, and sized for a CPU: a few
-minutes for 2 x 400 images on 2 cores.
+give two scores, **layout** (whole images downscaled) and **texture** (full-resolution crops
+beside their fine detail, ``TestDesign``), each image judged by the mean logit of several views.
+Seeded, and sized for a CPU: 2 x 400 images took 6-9 minutes on one thread of a busy 2-core machine.
 """
 
 from __future__ import annotations
