@@ -117,17 +117,17 @@ class DecoderGAN(nn.Module):
         out = {"reconstruction": rec, "adversarial": rec.new_zeros(()), "feature_matching": rec.new_zeros(())}
         out["weight"] = rec.new_zeros(())
         g_loss = rec
+        real_feats = self.disc.features(real)  # feature matching reads them detached
         if terms.adversarial:
             self.disc.requires_grad_(False)
             fake_feats = self.disc.features(fake)
-            real_feats = self.disc.features(real)
             self.disc.requires_grad_(True)
             adv = -fake_feats[-1].mean()
             weight = adaptive_weight(rec, adv, self.last_layer()) * terms.disc_weight
             fm = feature_matching(fake_feats, real_feats) if terms.fm_weight else rec.new_zeros(())
             g_loss = rec + weight * adv + terms.fm_weight * fm
             out.update(adversarial=adv, feature_matching=fm, weight=weight)
-        d_real, d_fake = self.disc(real), self.disc(fake.detach())
+        d_real, d_fake = real_feats[-1], self.disc(fake.detach())
         out["disc"] = hinge_d_loss(d_real, d_fake)
         out["disc_accuracy"] = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean())
         out["loss"] = g_loss + out["disc"]
