@@ -1,7 +1,7 @@
 """Start the LesionStudio web app.
 
     python app.py [--host H] [--port P] [--checkpoints DIR | --hub REPO_ID] [--examples DIR]
-                  [--data DIR] [--quiz-log FILE] [--timings FILE] [--share]
+                  [--data DIR] [--reader-images DIR] [--quiz-log FILE] [--timings FILE] [--share]
 
 Models: --checkpoints or --hub; else $LESIONSTUDIO_HUB_REPO or, inside a Space, the first
 `models:` entry of README.md's front matter; else $LESIONSTUDIO_CHECKPOINTS or the bundled
@@ -18,13 +18,14 @@ import signal
 import sys
 from pathlib import Path
 
+from lesionstudio.app.readerstudy import ReaderStudyError, check_log
+from lesionstudio.app.serving import TimingLog, set_thread_budget
+from lesionstudio.app.space import SpaceConfigError, model_repo
+from lesionstudio.app.studio import MAX_UPLOAD_BYTES, Studio, StudioError
+from lesionstudio.app.ui import build
+from lesionstudio.cli import HelpFormatter
 from lesionstudio.data import IMAGE_EXTENSIONS
-from lesionstudio.hubmodel import WEIGHTS_NAME, CheckpointError
-from lesionstudio.readerstudy import ReaderStudyError, check_log
-from lesionstudio.serving import TimingLog, set_thread_budget
-from lesionstudio.space import SpaceConfigError, model_repo
-from lesionstudio.studio import MAX_UPLOAD_BYTES, Studio, StudioError
-from lesionstudio.ui import build
+from lesionstudio.models.hubmodel import WEIGHTS_NAME, CheckpointError
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 
@@ -36,7 +37,7 @@ def default_host() -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or default_host())
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     src = p.add_mutually_exclusive_group()
@@ -47,8 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data",
         type=Path,
         default=None,
-        help="folder of real images: where a code occurs, each sample's nearest real image, and "
-        "the reader study's real images",
+        help="the training images: where a code occurs, and each sample's nearest training image",
+    )
+    p.add_argument(
+        "--reader-images",
+        type=Path,
+        default=None,
+        help="real images for the reader study (Real or synthetic?); best ones the models never saw",
     )
     p.add_argument(
         "--quiz-log",
@@ -66,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def open_studio(args: argparse.Namespace) -> Studio:
     """The Studio on the chosen models; a configured Space repo that fails falls back to the bundled ones."""
     options = {"device": args.device, "data_dir": args.data, "data_limit": args.data_limit}
+    options["reader_dir"] = args.reader_images
     source = args.checkpoints or args.hub
     if source is None and (repo := model_repo()):
         try:
@@ -84,7 +91,7 @@ def example_images(folder: Path | None) -> list[str]:
 def examples_cache(studio: Studio) -> Path:
     """A cache folder for the Generate examples' results, one per set of model files, so results of
     other (or retrained) models are never served."""
-    stack = studio.pair(studio.default_latent)
+    stack = studio.stack(studio.default_latent)
     files = [Path(d) / WEIGHTS_NAME for level in stack.levels for d in (level.vqvae_dir, level.prior_dir) if d]
     stamp = "".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in files if f.exists())
     return Path(".gradio") / "cached_examples" / hashlib.sha256(stamp.encode()).hexdigest()[:16]

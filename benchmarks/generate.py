@@ -22,12 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lesionstudio.studio import (  # noqa: E402
-    DEFAULT_DETAIL_TEMPERATURE,
-    DEFAULT_GUIDANCE,
-    DEFAULT_TEMPERATURE,
-    Studio,
-)
+from lesionstudio.app.studio import Studio  # noqa: E402
 
 
 def best_of(fn, repeat: int) -> float:
@@ -42,23 +37,14 @@ def best_of(fn, repeat: int) -> float:
 
 def rows(source: str, latent: int, repeat: int, candidates: list[int], layouts: int) -> list[tuple[str, float]]:
     studio = Studio(source)
-    stack = studio.pair(latent)
+    stack = studio.stack(latent)
     name = f"{source}: {' -> '.join(str(lv.latent) for lv in stack.levels)}"
-    chosen = [1] + ([layouts] if layouts > 1 and studio.default_layouts(latent) > 1 else [])
+    chosen = [1] + ([layouts] if layouts > 1 and studio.default_settings(latent).layouts > 1 else [])
     out = []
     for m in [1] + [c for c in candidates if studio.has_critic and c > 1]:
         for k in chosen:
             t = best_of(
-                lambda m=m, k=k: studio.generate(
-                    latent,
-                    n=1,
-                    temperature=DEFAULT_TEMPERATURE,
-                    seed=0,
-                    detail_temperature=DEFAULT_DETAIL_TEMPERATURE,
-                    candidates=m,
-                    guidance=DEFAULT_GUIDANCE,
-                    layouts=k,
-                ),
+                lambda m=m, k=k: studio.generate(latent, n=1, seed=0, candidates=m, layouts=k),
                 repeat,
             )
             label = f"{name}, {m} candidate{'s' if m > 1 else ''}" + (f", {k} layouts each" if k > 1 else "")

@@ -37,7 +37,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lesionstudio.studio import DEFAULT_CANDIDATES, DEFAULT_DETAIL_TEMPERATURE, DEFAULT_TEMPERATURE  # noqa: E402
+from lesionstudio.sampling.generation import DEFAULT_CANDIDATES, GenerationSettings  # noqa: E402
 
 
 def lesion(path: Path, seed: int) -> None:
@@ -137,11 +137,11 @@ class Requests:
         fetch_files(
             client.predict(
                 self.latent,
-                DEFAULT_TEMPERATURE,
+                DEFAULTS.temperature,
                 1,
                 rng.randrange(10**6),
                 "any",
-                DEFAULT_DETAIL_TEMPERATURE,
+                DEFAULTS.temperatures[1],
                 self.candidates,
                 api_name="/generate",
             )
@@ -149,6 +149,9 @@ class Requests:
 
     def reconstruct(self, client: Client, rng: random.Random) -> None:
         fetch_files(client.predict(handle_file(rng.choice(self.uploads)), self.latent, api_name="/reconstruct"))
+
+
+DEFAULTS = GenerationSettings()
 
 
 def new_client(url: str) -> Client:

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lesionstudio.pixelcnn import GatedPixelCNN  # noqa: E402
-from lesionstudio.sampling import inpaint, sample  # noqa: E402
+from lesionstudio.models.pixelcnn import GatedPixelCNN  # noqa: E402
+from lesionstudio.sampling.grid import inpaint, sample  # noqa: E402
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -46,7 +46,7 @@ def measure(prior: GatedPixelCNN, g: int, n: int, positions: int) -> None:
     mask = torch.zeros(n, g * g, dtype=torch.bool)
     mask[:, :positions] = True
     mask = mask.view(n, g, g)
-    plain = timed(lambda: inpaint(prior, codes, mask, seed=0, candidates=1, method="naive", coarse=coarse))
+    plain = timed(lambda: inpaint(prior, codes, mask, seed=0, fills=1, method="naive", coarse=coarse))
     plain *= g * g / positions
     print(
         f"{g:>4}x{g:<2} {n:>5} {forward:>10.3f} {incremental:>14.2f} {plain:>8.0f} (from {positions}) "

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import npzcache
 from .data import LesionImageFolder, collate_skip_bad
-from .vqvae import VQVAE
+from .models.vqvae import VQVAE
 
 
 @dataclass

@@ -16,18 +16,23 @@ from pathlib import Path
 
 import torch
 
-from .codedecoder import CodeDecoder
+from .cli import HelpFormatter
 from .data import LesionImageFolder, eval_transform, split_indices
-from .hubmodel import CheckpointError
-from .loading import check_coarse_stack, check_pair, load_stack_from
-from .pixelcnn import GatedPixelCNN
-from .scoring import evaluate
-from .stack import ModelStack
-from .vqvae import VQVAE
+from .measure.scoring import evaluate
+from .models.codedecoder import CodeDecoder
+from .models.hubmodel import CheckpointError
+from .models.pixelcnn import GatedPixelCNN
+from .models.vqvae import VQVAE
+from .sampling.loading import check_coarse_stack, check_pair, load_stack_from
+from .sampling.stack import ModelStack
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lesionstudio.evaluate", description=__doc__.split("\n")[1].strip())
+    p = argparse.ArgumentParser(
+        prog="python -m lesionstudio.evaluate",
+        description=__doc__.split("\n")[1].strip(),
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--vqvae", required=True, help="VQ-VAE folder or Hub repo id")
     p.add_argument("--data", type=Path, required=True, help="folder of images")
     p.add_argument("--prior", default=None, help="prior folder or Hub repo id (adds bits per code)")

@@ -1,7 +1,7 @@
 """Does the model hand back copies of its training images? A nearest-neighbour check.
 
 For every generated image: its nearest training image in a feature space (pooled activations of
-a dermoscopy-trained VQ-VAE encoder, see :mod:`lesionstudio.features`) and in pixel space (32x32),
+a dermoscopy-trained VQ-VAE encoder, see :mod:`lesionstudio.measure.features`) and in pixel space (32x32),
 each as a distance and as a *ratio* to the typical (median) nearest-neighbour distance between
 held-out real images and the same training set. A ratio near 1 is what a new real lesion looks
 like; a ratio near 0 is a copy. Both sides are compared under all 8 flips and right-angle
@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .cli import HelpFormatter
 from .data import eval_transform, find_images, load_image, split_indices, to_pil
-from .features import EncoderFeatures, FeatureModel, FeatureSet, cached, compute, feature_model
 from .files import atomic_write
-from .hubmodel import CheckpointError
-from .neighbours import DEFAULT_THRESHOLD, nearest
+from .measure.features import EncoderFeatures, FeatureModel, FeatureSet, cached, compute, feature_model
+from .measure.neighbours import DEFAULT_THRESHOLD, nearest
+from .models.hubmodel import CheckpointError
 
 
 class MemorizationError(ValueError):
@@ -258,7 +259,9 @@ def print_summary(report: Report, threshold: float, out: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lesionstudio.memorization", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m lesionstudio.memorization", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--generated", type=Path, required=True, help="folder of generated images")
     p.add_argument("--train", type=Path, required=True, help="the training images' folder")
     p.add_argument("--heldout", type=Path, default=None, help="real images the model never saw (default: a split)")

@@ -17,8 +17,9 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from .hubmodel import CONFIG_NAME, WEIGHTS_NAME
-from .loading import USAGE_NAME, default_source
+from .cli import HelpFormatter
+from .models.hubmodel import CONFIG_NAME, WEIGHTS_NAME
+from .sampling.loading import USAGE_NAME, default_source
 
 CARD_NAME = "README.md"
 PUBLISHED_FILES = (CONFIG_NAME, WEIGHTS_NAME, USAGE_NAME, CARD_NAME)
@@ -72,7 +73,9 @@ def publish_folder(folder: Path, repo_id: str, name: str, private: bool = False)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m lesionstudio.publish", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--repo", required=True, help="Hub model repo id, OWNER/NAME (created if missing)")
     p.add_argument("--checkpoints", type=Path, default=None, help="folder of model folders (default: the app's)")
     p.add_argument("--private", action="store_true", help="create the repo private")

@@ -15,7 +15,7 @@ downloads), also the standard **Inception FID** and KID on 2048-d pool features 
 torch-fidelity's port of the TensorFlow FID network). The file is read as tensors only
 (safetensors, or a PyTorch state dict loaded with ``weights_only=True``).
 
-With ``--c2st``, also a classifier two-sample test (``lesionstudio.twosample``): accuracy of a
+With ``--c2st``, also a classifier two-sample test (``lesionstudio.measure.twosample``): accuracy of a
 small CNN telling real from generated on held-out halves, by layout (whole image downscaled)
 and by texture (full-resolution crops, beside their fine detail); 0.5 = indistinguishable.
 ``--c2st-calibrate`` prints what it scores for known differences instead: two halves of the
@@ -44,15 +44,16 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from .critic import FitSettings
+from .cli import HelpFormatter
 from .data import ImageLoadError, as_uint8, eval_transform, find_images, load_image, split_files
-from .features import EncoderFeatures, compute, feature_model
-from .hubmodel import CheckpointError
-from .loading import LATENTS, load_stack
-from .stack import ModelStack
-from .teacherforcing import likeliest_classes, teacher_forced_draws
-from .twosample import YARDSTICK, TestDesign, TwoSampleResult, blurred, load_uint8, two_sample_test
-from .vqvae import VQVAE
+from .measure.features import EncoderFeatures, compute, feature_model
+from .measure.twosample import YARDSTICK, TestDesign, TwoSampleResult, blurred, load_uint8, two_sample_test
+from .models.critic import FitSettings
+from .models.hubmodel import CheckpointError
+from .models.vqvae import VQVAE
+from .sampling.loading import LATENTS, load_stack
+from .sampling.stack import ModelStack
+from .sampling.teacherforcing import likeliest_classes, teacher_forced_draws
 
 
 class _Given(nn.Module):
@@ -163,6 +164,16 @@ def reconstructions(images: torch.Tensor, vqvae: VQVAE, batch_size: int = 16) ->
 
 
 @torch.no_grad()
+def rendered_reconstructions(images: torch.Tensor, stack: ModelStack, batch_size: int = 16) -> torch.Tensor:
+    """uint8 images encoded by the stack's VQ-VAE and decoded as samples are (``ModelStack.render``)."""
+    out = [
+        stack.render(stack.vqvae.encode(images[i : i + batch_size].float() / 255))
+        for i in range(0, len(images), batch_size)
+    ]
+    return as_uint8(torch.cat(out))
+
+
+@torch.no_grad()
 def decoded_teacher_forced(
     images: torch.Tensor, stack: ModelStack, seed: int = 0, batch_size: int = 16
 ) -> torch.Tensor:
@@ -191,7 +202,8 @@ def c2st_calibration(
     controls: bool = True,
 ) -> dict[str, TwoSampleResult]:
     """The test on known differences: real vs real and vs blurred real (the ``controls``), vs
-    reconstructions, vs decoded teacher-forced draws of ``stack`` (halves of the real set, so
+    reconstructions, vs decoded teacher-forced draws of ``stack`` and, where it has a post-trained
+    decoder, vs that decoder's reconstructions (halves of the real set, so
     no image is compared with its own copy; the halves depend on the seed only)."""
     real = load_uint8(real_files)
     gen = torch.Generator().manual_seed(settings.seed)
@@ -209,6 +221,9 @@ def c2st_calibration(
         which = "post-trained" if stack.decoder is not None else "VQ-VAE's own"
         name = f"real vs decoded {stack.latent}x{stack.latent} teacher-forced draws ({which} decoder)"
         rows[name] = two_sample_test(a, decoded_teacher_forced(b, stack, settings.seed), settings, design)
+        if stack.decoder is not None:
+            name = f"real vs {stack.latent}x{stack.latent} reconstructions (post-trained decoder)"
+            rows[name] = two_sample_test(a, rendered_reconstructions(b, stack), settings, design)
     return rows
 
 
@@ -221,7 +236,9 @@ def print_c2st(name: str, r: TwoSampleResult) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lesionstudio.quality", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m lesionstudio.quality", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--real", type=Path, required=True, help="held-out real images (not the training set)")
     p.add_argument(
         "--real-split",

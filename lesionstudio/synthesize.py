@@ -1,9 +1,12 @@
 """Write a labelled synthetic lesion data set with a record of how each image was made.
 
     python -m lesionstudio.synthesize --n 200 --out synth/ [--latent 64] [--class malignant]
-        [--temperature 1.0] [--detail-temperature T] [--candidates M] [--guidance W] [--seed 0]
-        [--batch-size 8]
-        [--checkpoints DIR | --hub REPO]
+        [--temperature 1.0] [--detail-temperature T] [--candidates M] [--layouts K] [--guidance W]
+        [--seed 0] [--batch-size 8] [--checkpoints DIR | --hub REPO]
+
+The generation settings default to the Generate tab's (``lesionstudio.sampling.generation``): with the
+shipped checkpoints, each image the critic's pick of 4 candidates, each candidate's layout the
+best of 8.
 
 Writes ``synthetic_000000.png`` ... , ``metadata.csv`` (one row per image: class, latent size,
 temperatures, seeds, the models and the SHA-256 of their ``model.safetensors``, bits per code of
@@ -33,13 +36,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .cli import HelpFormatter
 from .codes import file_sha256, state_sha256
 from .data import to_pil
 from .files import atomic_write
-from .hubmodel import WEIGHTS_NAME, CheckpointError
-from .loading import LATENTS, load_stack
-from .sampling import make_generator, resolve_labels
-from .stack import ModelStack, sample_ranked, sample_stack, stack_nll_bits
+from .models.hubmodel import WEIGHTS_NAME, CheckpointError
+from .sampling.generation import GenerationSettings, add_generation_args, draw_samples, settings_from_args
+from .sampling.loading import LATENTS, load_stack
+from .sampling.stack import ModelStack, judge_codes, stack_nll_bits
 
 REQUIRED = [
     "file",
@@ -139,7 +143,7 @@ def _write_metadata(path: Path, rows: dict[str, dict[str, str]]) -> None:
     atomic_write(path, buf.getvalue().encode())
 
 
-def _readme(settings: dict[str, str], pair: ModelStack, count: int, command: str) -> str:
+def _readme(settings: dict[str, str], stack: ModelStack, count: int, command: str) -> str:
     return f"""# Synthetic dermoscopic lesion images (LesionStudio)
 
 **Every image in this folder is synthetic**: sampled from a Gated PixelCNN prior over VQ-VAE
@@ -149,8 +153,8 @@ or any clinical purpose; models trained on them must be validated on real images
 - images: {count} (`synthetic_*.png`, 256x256); one row each in `metadata.csv`
 - latent grid: {settings["latent"]}x{settings["latent"]}; temperature {settings["temperature"]};
   run seed {settings["seed"]}; class requested: {settings["requested_class"]}
-- VQ-VAE: `{pair.vqvae_dir}` (model.safetensors SHA-256 `{settings["vqvae_sha256"]}`)
-- prior: `{pair.prior_dir}` (model.safetensors SHA-256 `{settings["prior_sha256"]}`){_coarse_line(settings)}
+- VQ-VAE: `{stack.vqvae_dir}` (model.safetensors SHA-256 `{settings["vqvae_sha256"]}`)
+- prior: `{stack.prior_dir}` (model.safetensors SHA-256 `{settings["prior_sha256"]}`){_coarse_line(settings)}
 - made with: `{command}`
 - last written: {dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
@@ -168,8 +172,9 @@ def _coarse_line(settings: dict[str, str]) -> str:
             f"(model.safetensors SHA-256 `{settings['coarse_prior_sha256']}`)"
         )
     if settings["critic_sha256"]:
+        chosen = f"the best of {settings['candidates']} candidates" if int(settings["candidates"]) > 1 else "scored"
         lines += (
-            f"\n- each image the best of {settings['candidates']} candidates by the realism critic "
+            f"\n- each image {chosen} by the realism critic "
             f"(model.safetensors SHA-256 `{settings['critic_sha256']}`; score in `realism_score`)"
         )
     if int(settings["layouts"]) > 1:
@@ -188,148 +193,97 @@ def _coarse_line(settings: dict[str, str]) -> str:
 def synthesize(
     out: str | Path,
     n: int,
-    pair: ModelStack,
-    class_name: str = "any",
-    temperature: float = 1.0,
+    stack: ModelStack,
+    settings: GenerationSettings | None = None,
     seed: int = 0,
     batch_size: int = 8,
     command: str = "",
     show_progress: bool = True,
-    detail_temperature: float | None = None,
-    candidates: int = 1,
-    guidance: float = 1.0,
-    layouts: int = 1,
 ) -> list[dict[str, str]]:
-    """Make images 0..n-1 in `out` that are not there yet; returns all n metadata rows.
-
-    ``detail_temperature`` (default: ``temperature``) is that of every level but the coarsest;
-    with ``candidates`` > 1 each image is the best-scored of that many (the stack needs a critic);
-    ``guidance`` sets how closely the finer levels follow the layout (1: the priors as trained);
-    with ``layouts`` > 1 each candidate's layout is the best of that many (the critic's layout head)."""
-    prior = pair.prior
+    """Make images 0..n-1 in `out` that are not there yet, drawn with ``settings`` (default:
+    ``GenerationSettings()``, the Generate tab's); returns all n metadata rows."""
+    prior = stack.prior
     if prior is None:
-        raise CheckpointError(f"no prior for the {pair.latent}x{pair.latent} grid in {pair.source}")
+        raise CheckpointError(f"no prior for the {stack.latent}x{stack.latent} grid in {stack.source}")
     if n < 1 or batch_size < 1:
         raise ValueError("--n and --batch-size must be at least 1")
-    if not temperature > 0:
-        raise ValueError(f"--temperature must be positive, got {temperature}")
-    if detail_temperature is not None and not detail_temperature > 0:
-        raise ValueError(f"--detail-temperature must be positive, got {detail_temperature}")
-    if candidates < 1:
-        raise ValueError(f"--candidates must be at least 1, got {candidates}")
-    if candidates > 1 and pair.critic is None:
-        raise CheckpointError(f"--candidates {candidates} needs a realism critic (critic/) in {pair.source}")
-    if layouts < 1:
-        raise ValueError(f"--layouts must be at least 1, got {layouts}")
-    if layouts > 1 and (pair.critic is None or pair.critic.layout_head is None):
-        raise CheckpointError(
-            f"--layouts {layouts} needs a realism critic with a layout head (critic/) in {pair.source}"
-        )
-    if not 0 <= guidance < float("inf"):
-        raise ValueError(f"--guidance must be a finite non-negative number, got {guidance}")
-    fixed_label = prior.class_label(class_name)
+    settings = (settings or GenerationSettings()).resolved(stack)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "latent": str(pair.latent),
-        "temperature": repr(float(temperature)),
+    record = {
+        "latent": str(stack.latent),
+        "temperature": repr(settings.temperature),
         "seed": str(seed),
-        "requested_class": class_name or "any",
-        "vqvae": str(pair.vqvae_dir),
-        "vqvae_sha256": file_sha256(Path(pair.vqvae_dir) / WEIGHTS_NAME),
-        "prior": str(pair.prior_dir),
-        "prior_sha256": file_sha256(Path(pair.prior_dir) / WEIGHTS_NAME),
+        "requested_class": settings.class_name,
+        "vqvae": str(stack.vqvae_dir),
+        "vqvae_sha256": file_sha256(Path(stack.vqvae_dir) / WEIGHTS_NAME),
+        "prior": str(stack.prior_dir),
+        "prior_sha256": file_sha256(Path(stack.prior_dir) / WEIGHTS_NAME),
         # Every coarser level, finest first.
-        "coarse_prior": ";".join(str(lv.prior_dir) for lv in reversed(pair.levels[:-1])),
+        "coarse_prior": ";".join(str(lv.prior_dir) for lv in reversed(stack.levels[:-1])),
         "coarse_prior_sha256": ";".join(
-            file_sha256(Path(lv.prior_dir) / WEIGHTS_NAME) for lv in reversed(pair.levels[:-1]) if lv.prior_dir
+            file_sha256(Path(lv.prior_dir) / WEIGHTS_NAME) for lv in reversed(stack.levels[:-1]) if lv.prior_dir
         ),
-        "detail_temperature": "" if detail_temperature is None else repr(float(detail_temperature)),
-        "candidates": str(candidates),
-        "critic_sha256": critic_sha256(pair),
-        "guidance": repr(float(guidance)),
-        "layouts": str(layouts),
-        "decoder_sha256": decoder_sha256(pair),
+        "detail_temperature": "" if settings.detail_temperature is None else repr(settings.detail_temperature),
+        "candidates": str(settings.candidates),
+        "critic_sha256": critic_sha256(stack),
+        "guidance": repr(settings.guidance),
+        "layouts": str(settings.layouts),
+        "decoder_sha256": decoder_sha256(stack),
     }
     rows = read_metadata(out / METADATA)
     for row in rows.values():
         for key in SETTINGS:
-            if row.get(key, DEFAULTS.get(key, "")) != settings[key]:
+            if row.get(key, DEFAULTS.get(key, "")) != record[key]:
                 raise ValueError(
-                    f"{out} holds images made with {key}={row.get(key)!r}, not {settings[key]!r}; "
+                    f"{out} holds images made with {key}={row.get(key)!r}, not {record[key]!r}; "
                     "use another --out (or the same settings to resume)"
                 )
     todo = [i for i in range(n) if file_name(i) not in rows or not (out / file_name(i)).exists()]
-    device = prior.embedding.weight.device
     bar = tqdm(total=n, initial=n - len(todo), desc="synthesizing", unit="img", disable=not show_progress)
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         seeds = [image_seed(seed, i) for i in batch]
-        if fixed_label is None and prior.num_classes:
-            # The class of a "any" image is drawn from the training frequencies, by its own seed.
-            labels = resolve_labels(prior, len(batch), None, [make_generator(s + 1) for s in seeds])
-        elif prior.num_classes:
-            labels = torch.full((len(batch),), fixed_label, dtype=torch.long)
-        else:
-            labels = None
-        lab = None if labels is None else labels.to(device)
-        temps = (temperature, temperature if detail_temperature is None else detail_temperature)
-        if pair.critic is None:
-            drawn = sample_stack(pair, len(batch), temps, seeds, lab, guidance=guidance)
-        else:
-            drawn = sample_ranked(pair, len(batch), candidates, temps, seeds, lab, guidance=guidance, layouts=layouts)
+        drawn = draw_samples(stack, settings, seeds)
         labels = drawn.labels
-        bits = stack_nll_bits(pair, drawn.levels, labels).cpu()
-        images = pair.render(drawn.codes).cpu()
+        scores = drawn.scores
+        if scores is None and stack.critic is not None:
+            scores = judge_codes(stack, drawn.codes)
+        bits = stack_nll_bits(stack, drawn.levels, labels).cpu()
+        images = stack.render(drawn.codes).cpu()
         for j, i in enumerate(batch):
             png = io.BytesIO()
             to_pil(images[j]).save(png, format="PNG")
             atomic_write(out / file_name(i), png.getvalue())
             rows[file_name(i)] = {
-                **settings,
+                **record,
                 "file": file_name(i),
                 "class": prior.class_names[int(labels[j])] if labels is not None else "",
                 "index": str(i),
                 "image_seed": str(seeds[j]),
                 "bits_per_code": f"{float(bits[j]):.4f}",
-                "realism_score": "" if drawn.scores is None else f"{float(drawn.scores[j]):.4f}",
+                "realism_score": "" if scores is None else f"{float(scores[j]):.4f}",
             }
         _write_metadata(out / METADATA, rows)  # after the PNGs: a row always has its image
         bar.update(len(batch))
     bar.close()
-    atomic_write(out / "README.md", _readme(settings, pair, len(rows), command).encode())
+    atomic_write(out / "README.md", _readme(record, stack, len(rows), command).encode())
     return [rows[file_name(i)] for i in range(n)]
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lesionstudio.synthesize", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m lesionstudio.synthesize",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--out", type=Path, required=True, help="output folder (re-run to resume)")
     p.add_argument("--latent", type=int, choices=LATENTS, default=64, help="code grid side")
-    p.add_argument("--class", dest="class_name", default="any", help="benign, malignant or any (training mix)")
-    p.add_argument("--temperature", type=float, default=1.0, help="of the coarsest level (the layout)")
-    p.add_argument(
-        "--detail-temperature", type=float, default=None, help="of every finer level (default: --temperature)"
-    )
-    p.add_argument(
-        "--candidates",
-        type=int,
-        default=1,
-        help="keep the best of M candidates per image by the realism critic (needs critic/)",
-    )
-    p.add_argument(
-        "--layouts",
-        type=int,
-        default=1,
-        help="draw K layouts per candidate and keep the one the critic's layout head scores best",
-    )
-    p.add_argument(
-        "--guidance", type=float, default=1.0, help="how closely the finer levels follow the layout (1: as trained)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="grids sampled together")
+    p.add_argument("--seed", type=int, default=0, help="the run's seed (each image's is derived from it)")
+    p.add_argument("--batch-size", type=int, default=8, help="images drawn together (each with its candidates)")
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--checkpoints",
@@ -337,24 +291,14 @@ def main(argv: list[str] | None = None) -> None:
         help="checkpoints folder (default: $LESIONSTUDIO_CHECKPOINTS or the bundled checkpoints/)",
     )
     src.add_argument("--hub", default=None, help="Hugging Face Hub repo id holding vqvae-N/ and pixelcnn-N/")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where the models run (cpu, cuda, ...)")
+    add_generation_args(p)
     args = p.parse_args(argv)
     command = "python -m lesionstudio.synthesize " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
-        pair = load_stack(args.latent, args.hub or args.checkpoints, device=args.device)
+        stack = load_stack(args.latent, args.hub or args.checkpoints, device=args.device)
         rows = synthesize(
-            args.out,
-            args.n,
-            pair,
-            args.class_name,
-            args.temperature,
-            args.seed,
-            args.batch_size,
-            command=command,
-            detail_temperature=args.detail_temperature,
-            candidates=args.candidates,
-            guidance=args.guidance,
-            layouts=args.layouts,
+            args.out, args.n, stack, settings_from_args(args), args.seed, args.batch_size, command=command
         )
     except (CheckpointError, ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from exc

@@ -79,8 +79,8 @@ def write_images(folder: Path, n: int, size: int = 64, start_seed: int = 0) -> l
 def make_pair(root: Path, latent: int, num_codes: int = 16, prior_codes: int | None = None, coarse: int = 0) -> None:
     """A tiny untrained VQ-VAE + class-conditional prior pair in root/vqvae-N, root/pixelcnn-N
     (the prior hierarchical on root/vqvae-{coarse}'s codes when coarse is given)."""
-    from lesionstudio.pixelcnn import GatedPixelCNN
-    from lesionstudio.vqvae import VQVAE
+    from lesionstudio.models.pixelcnn import GatedPixelCNN
+    from lesionstudio.models.vqvae import VQVAE
 
     torch.manual_seed(latent)
     vq = VQVAE(
@@ -111,7 +111,7 @@ def make_pair(root: Path, latent: int, num_codes: int = 16, prior_codes: int | N
 def stack_with_critic(tmp_path: Path) -> Path:
     """A tiny 16 -> 32 stack (random condition weights, so the coarse codes matter) with a
     realism critic whose scores are spread, so a ranking has something to rank."""
-    from lesionstudio.critic import RealismCritic
+    from lesionstudio.models.critic import RealismCritic
 
     root = tmp_path / "ckpts"
     make_pair(root, 16)
@@ -128,7 +128,7 @@ def stack_with_critic(tmp_path: Path) -> Path:
 def stack_with_layout_critic(stack_with_critic: Path) -> Path:
     """The same stack, its critic given a shape head and a layout head for the 16x16 grid, with
     random weights (so that they rank)."""
-    from lesionstudio.critic import RealismCritic
+    from lesionstudio.models.critic import RealismCritic
 
     folder = stack_with_critic / "critic"
     plain = RealismCritic.from_pretrained(folder)

@@ -77,7 +77,7 @@ def test_generate_shows_nearest_training_images_with_a_data_folder(tmp_path_fact
         assert len(nearest) == 2
         for item in nearest:
             assert load(item).shape == (256, 256, 3)
-            assert item["caption"].startswith(("sample 1: distance ratio ", "sample 2: distance ratio "))
+            assert item["caption"].startswith(("1: ", "2: "))
             assert ", lesion_" in item["caption"]
     finally:
         next(launcher, None)  # stop the app
@@ -117,8 +117,8 @@ def test_sampler_work_shares_one_queue_group(tmp_path: Path):
     """Generate (with its candidate ranking) and inpaint run one at a time, in one group."""
     from conftest import make_pair
 
-    from lesionstudio.studio import Studio
-    from lesionstudio.ui import SAMPLER_WAITING, build
+    from lesionstudio.app.studio import Studio
+    from lesionstudio.app.ui import SAMPLER_WAITING, build
 
     make_pair(tmp_path, 32)
     fns = {fn.api_name: fn for fn in build(Studio(tmp_path)).fns.values()}
@@ -135,7 +135,7 @@ def test_without_a_data_folder_the_reader_study_says_what_it_needs(app_url: str)
     config = json.loads(urllib.request.urlopen(app_url + "config", timeout=30).read())
     texts = [c.get("props", {}).get("value") for c in config["components"]]
     needs = [t for t in texts if isinstance(t, str) and "reader study needs your own real images" in t]
-    assert needs and "--data REAL_DIR" in needs[0]
+    assert needs and "--reader-images REAL_DIR" in needs[0]
     assert not any(c.get("props", {}).get("elem_id") == "quiz-start" for c in config["components"])
 
 

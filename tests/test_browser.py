@@ -45,7 +45,7 @@ def app_url(tmp_path_factory, quiz_log: Path):
     source = os.environ.get("LESIONSTUDIO_TEST_CHECKPOINTS")
     real = tmp_path_factory.mktemp("real")
     write_images(real, 6, size=256, start_seed=40)  # the reader study's real images
-    args = ("--data", str(real), "--quiz-log", str(quiz_log))
+    args = ("--reader-images", str(real), "--quiz-log", str(quiz_log))
     yield from launch_app(tmp_path_factory, Path(source) if source else None, extra_args=args)
 
 
@@ -97,6 +97,11 @@ def test_clicking_an_example_reconstructs_it(page):
 
 def test_generate_in_the_browser(page):
     page.get_by_role("tab", name="Generate").click()
+    gallery = page.locator("#gallery")
+    gallery.wait_for()
+    # An output only: nothing invites a drop or an upload into it.
+    assert "Drop" not in gallery.inner_text() and gallery.locator("input[type=file]").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "generate_empty.png"), full_page=True)
     page.locator("#generate-btn").click()
     page.locator("#gallery img").first.wait_for()
     assert page.locator("#gallery img").count() >= 1
@@ -130,12 +135,18 @@ def test_reader_study_in_the_browser(page, quiz_log: Path):
     for k in range(1, 5):
         page.get_by_text(f"Image {k} of 4").wait_for()
         page.locator("#quiz-image img").wait_for()
-        if k == 1:
+        if k == 2:  # after one answer: the choice cleared, the confidence back at the middle
             page.screenshot(path=str(ARTIFACTS / "quiz.png"), full_page=True)
+        confidence = page.locator("#quiz-conf input[type=number]")
+        if k > 1:  # every image starts at the middle confidence, not at the last answer's
+            assert confidence.input_value() == "3"
         page.locator("#quiz-choice").get_by_text("Real", exact=True).click()
+        confidence.fill("5")
+        confidence.press("Enter")
         page.locator("#quiz-answer").click()
         if k < 4:
             page.get_by_text(f"Image {k + 1} of 4").wait_for()
+            page.wait_for_function("document.querySelector('#quiz-conf input[type=number]').value === '3'")
     summary = page.locator("#quiz-summary")
     summary.get_by_text("All images").wait_for()
     assert "Synthetic images" in summary.inner_text() and "%" in summary.inner_text()
@@ -145,6 +156,7 @@ def test_reader_study_in_the_browser(page, quiz_log: Path):
         rows = list(csv.DictReader(f))
     assert [r["trial"] for r in rows] == ["0", "1", "2", "3"] and {r["reader"] for r in rows} == {"reader-7"}
     assert {r["answer"] for r in rows} == {"real"} and {r["truth"] for r in rows} == {"real", "synthetic"}
+    assert {r["confidence"] for r in rows} == {"5"}
 
 
 def test_codebook_chart_in_the_dark_theme(browser, app_url: str):

@@ -1,4 +1,4 @@
-"""The shipped checkpoints: complete, loadable from their folders (lesionstudio.loading) and a Hub-like server."""
+"""The shipped checkpoints: complete, loadable from their folders (sampling.loading) and a Hub-like server."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from fake_hub import serve_repo
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from lesionstudio import loading
 from lesionstudio.codes import file_sha256
-from lesionstudio.pixelcnn import GatedPixelCNN
-from lesionstudio.vqvae import VQVAE
+from lesionstudio.models.pixelcnn import GatedPixelCNN
+from lesionstudio.models.vqvae import VQVAE
+from lesionstudio.sampling import loading
 
 CHECKPOINTS = ROOT / "checkpoints"
 SHIPPED = (16, 32, 64, 128)
@@ -69,7 +69,8 @@ def test_shipped_pair_loads_from_its_folders_and_through_hub(latent: int):
 @pytest.mark.parametrize("latent", [32, 128])
 def test_shipped_stack_through_a_local_hub_server(tmp_path: Path, latent: int):
     script = (
-        f"import json; from lesionstudio import loading; p = loading.load_stack({latent}, 'lesionstudio/checkpoints'); "
+        "import json; from lesionstudio.sampling import loading; "
+        f"p = loading.load_stack({latent}, 'lesionstudio/checkpoints'); "
         "print(json.dumps([[lv.latent for lv in p.levels], p.prior.grid_size, sum(p.usage)]))"
     )
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}

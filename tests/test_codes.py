@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lesionstudio.codes import codes_key
-from lesionstudio.vqvae import VQVAE
+from lesionstudio.models.vqvae import VQVAE
 
 TINY = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, downsample=4, num_codes=16, code_dim=4)
 

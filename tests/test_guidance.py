@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lesionstudio import loading
-from lesionstudio.sampling import inpaint, sample
-from lesionstudio.stack import inpaint_stack, level_seed, sample_ranked, sample_stack
+from lesionstudio.sampling import loading
+from lesionstudio.sampling.generation import GenerationSettings
+from lesionstudio.sampling.grid import inpaint, sample
+from lesionstudio.sampling.stack import inpaint_stack, level_seed, sample_ranked, sample_stack
 
 
 def test_guidance_scales_how_much_the_coarse_grid_matters(stack_with_critic: Path):
@@ -60,29 +61,30 @@ def test_a_stack_draws_and_inpaints_every_finer_level_with_guidance(stack_with_c
     filled = [inpaint_stack(stack, codes, mask, seed=5, guidance=g) for g in (0.0, 2.5)]
     assert not torch.equal(filled[0], filled[1])
     assert all(torch.equal(f[0][~mask], codes[1][~mask]) for f in filled)
-    one = inpaint(stack.checked_prior(), codes[1], mask, coarse=codes[0], seed=5, guidance=2.5, candidates=1)
+    one = inpaint(stack.checked_prior(), codes[1], mask, coarse=codes[0], seed=5, guidance=2.5, fills=1)
     assert torch.equal(one[0][~mask], codes[1][~mask])
 
 
 def test_studio_and_synthesize_take_guidance(stack_with_critic: Path, tmp_path: Path):
-    from lesionstudio.studio import MAX_GUIDANCE, Studio, StudioError
+    from lesionstudio.app.studio import Studio, StudioError
+    from lesionstudio.sampling.generation import MAX_GUIDANCE
     from lesionstudio.synthesize import synthesize
 
     studio = Studio(stack_with_critic)
-    settings = studio.generation_settings(32, 1.0, "any", None, 1, 2.0)
-    assert settings.guidance == 2.0
-    a = studio.generate(32, n=2, seed=4, guidance=2.0)
-    assert [im.tobytes() for im in a] == [im.tobytes() for im in studio.draw(settings, [4, 5])]
-    assert [im.tobytes() for im in a] != [im.tobytes() for im in studio.generate(32, n=2, seed=4)]
+    request = studio.request(32, candidates=1, guidance=2.0)
+    assert request.settings.guidance == 2.0
+    a = studio.generate(32, n=2, seed=4, candidates=1, guidance=2.0)
+    assert [im.tobytes() for im in a] == [im.tobytes() for im in studio.draw(request, [4, 5])]
+    assert [im.tobytes() for im in a] != [im.tobytes() for im in studio.generate(32, n=2, seed=4, candidates=1)]
     with pytest.raises(StudioError, match="Layout guidance"):
         studio.generate(32, n=1, guidance=MAX_GUIDANCE + 1)
 
     stack = loading.load_stack(32, stack_with_critic)
-    rows = synthesize(tmp_path / "s", 2, stack, batch_size=2, show_progress=False, guidance=2.0)
+    rows = synthesize(tmp_path / "s", 2, stack, GenerationSettings(guidance=2.0), batch_size=2, show_progress=False)
     assert all(r["guidance"] == "2.0" for r in rows)
     assert "layout guidance 2.0" in (tmp_path / "s" / "README.md").read_text()
     with pytest.raises(ValueError, match="guidance"):  # a folder made with other settings is refused
         synthesize(tmp_path / "s", 3, stack, batch_size=2, show_progress=False)
     for bad in (-1.0, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="finite non-negative"):
-            synthesize(tmp_path / "t", 1, stack, show_progress=False, guidance=bad)
+        with pytest.raises(ValueError, match="Layout guidance must be between 0 and 4"):
+            synthesize(tmp_path / "t", 1, stack, GenerationSettings(guidance=bad), show_progress=False)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from hostile import CORPUS
 
+from lesionstudio.app.studio import StudioError, open_upload
 from lesionstudio.data import eval_transform
-from lesionstudio.studio import StudioError, open_upload
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))

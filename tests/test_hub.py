@@ -9,8 +9,8 @@ import pytest
 from conftest import make_pair, run_module
 from fake_hub import serve_repo
 
-from lesionstudio import loading
-from lesionstudio.hubmodel import CheckpointError
+from lesionstudio.models.hubmodel import CheckpointError
+from lesionstudio.sampling import loading
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_vqvae_alone_loads_without_a_prior(tmp_path: Path):
 
 LOAD_SCRIPT = """
 import json
-from lesionstudio import loading
+from lesionstudio.sampling import loading
 print(json.dumps({"latents": loading.available_latents("lesion/checkpoints"),
                   "grid": loading.load_stack(64, "lesion/checkpoints").prior.grid_size}))
 """
@@ -98,7 +98,7 @@ def test_hub_repo_through_a_local_hub_server(checkpoints: Path, tmp_path: Path):
     assert res.returncode == 0, res.stderr[-3000:]
     # an unknown repo is a clear error
     with serve_repo("lesion/checkpoints", checkpoints) as (endpoint, _):
-        script = "from lesionstudio import loading; loading.load_stack(64, 'other/repo')"
+        script = "from lesionstudio.sampling import loading; loading.load_stack(64, 'other/repo')"
         res = run_module(["-c", script], env={**env, "HF_ENDPOINT": endpoint}, timeout=300)
         assert res.returncode != 0 and "not found" in res.stderr
 

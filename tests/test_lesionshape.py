@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from lesionstudio.critic import RealismCritic, ShapeHead
-from lesionstudio.lesionshape import FEATURE_NAMES, features_of, segment, shape_features
+from lesionstudio.measure.lesionshape import FEATURE_NAMES, features_of, segment, shape_features
+from lesionstudio.models.critic import RealismCritic, ShapeHead
 
 SIZE = 64
 COLUMN = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -147,7 +147,7 @@ def test_real_lesions_mostly_segment_as_one_whole_lesion():
     """On real ISIC images (the shared set, when present): most are one visible lesion, whole
     in the frame, and the segmentation says so."""
     from lesionstudio.data import find_images, split_files
-    from lesionstudio.twosample import load_uint8
+    from lesionstudio.measure.twosample import load_uint8
 
     files = split_files(find_images(SHARED_DATA / "train"), "val")[:64]
     f = shape_features(load_uint8(files).float() / 255)

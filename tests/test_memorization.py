@@ -11,9 +11,9 @@ import pytest
 from conftest import SHARED_DATA, lesion_image, make_pair, run_module, write_images
 from PIL import Image, ImageOps
 
-from lesionstudio.features import EncoderFeatures, cached, compute, dihedral
+from lesionstudio.measure.features import EncoderFeatures, cached, compute, dihedral
 from lesionstudio.memorization import check, nearest
-from lesionstudio.vqvae import VQVAE
+from lesionstudio.models.vqvae import VQVAE
 
 
 def jpeg_recompressed(img: Image.Image, quality: int = 75) -> Image.Image:
@@ -167,7 +167,7 @@ def test_feature_cache_is_rebuilt_when_files_change(tmp_path: Path):
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data/isic256")
 def test_real_isic_copies_are_flagged_with_the_shipped_encoder(tmp_path: Path):
     from lesionstudio.data import find_images
-    from lesionstudio.loading import load_stack
+    from lesionstudio.sampling.loading import load_stack
 
     files = find_images(SHARED_DATA / "train")
     train, heldout, new = files[:300], files[300:364], files[364:376]

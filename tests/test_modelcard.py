@@ -7,7 +7,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-from lesionstudio.hubmodel import WEIGHTS_LICENSE as LICENSE
+from lesionstudio.models.hubmodel import WEIGHTS_LICENSE as LICENSE
 from train.modelcard import LICENSE_NOTE, main
 
 

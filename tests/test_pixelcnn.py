@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lesionstudio.pixelcnn import GatedPixelCNN
-from lesionstudio.sampling import inpaint, sample
+from lesionstudio.models.pixelcnn import GatedPixelCNN
+from lesionstudio.sampling.grid import inpaint, sample
 
 
 def random_prior(num_classes: int = 0, kernel: int = 5, layers: int = 4, seed: int = 0) -> GatedPixelCNN:
@@ -138,10 +138,10 @@ def test_inpaint_candidates_rank_by_what_follows_the_hole():
     codes = sample(prior, 1, seed=0, temperature=0.0)[0]
     mask = torch.zeros(8, 8, dtype=torch.bool)
     mask[1:3, 2:6] = True
-    one = inpaint(prior, codes, mask, seed=7, n=1, candidates=1)
-    best = inpaint(prior, codes, mask, seed=7, n=1, candidates=8)
+    one = inpaint(prior, codes, mask, seed=7, n=1, fills=1)
+    best = inpaint(prior, codes, mask, seed=7, n=1, fills=8)
     # the best of 8 is at least as consistent with the kept codes as a single fill
-    from lesionstudio.sampling import _after_hole_loglik
+    from lesionstudio.sampling.grid import _after_hole_loglik
 
     assert _after_hole_loglik(prior, best, mask[None], None) >= _after_hole_loglik(prior, one, mask[None], None)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lesionstudio.readerstudy import (
+from lesionstudio.app.readerstudy import (
     CSV_COLUMNS,
     Answer,
     ReaderStudyError,
@@ -255,7 +255,7 @@ def test_trial_is_immutable():
 
 
 def test_check_log_accepts_new_empty_and_own_logs_only(tmp_path: Path):
-    from lesionstudio.readerstudy import check_log
+    from lesionstudio.app.readerstudy import check_log
 
     check_log(tmp_path / "new.csv")  # not there yet
     (tmp_path / "empty.csv").write_text("")

@@ -10,12 +10,13 @@ import pytest
 import torch
 from conftest import lesion_image, run_module, write_images
 
-from lesionstudio import loading
-from lesionstudio.critic import FitSettings, RealismCritic
 from lesionstudio.data import as_saved
 from lesionstudio.data import to_pil as to_image
-from lesionstudio.stack import CANDIDATE_SEED_OFFSET, sample_ranked, sample_stack
-from lesionstudio.twosample import TestDesign, blurred, two_sample_test
+from lesionstudio.measure.twosample import TestDesign, blurred, two_sample_test
+from lesionstudio.models.critic import FitSettings, RealismCritic
+from lesionstudio.sampling import loading
+from lesionstudio.sampling.generation import GenerationSettings, sample_labels
+from lesionstudio.sampling.stack import CANDIDATE_SEED_OFFSET, sample_ranked, sample_stack
 
 QUICK = FitSettings(epochs=8, batch_size=16, lr=3e-3, seed=0)
 SMALL = TestDesign(channels=8)
@@ -104,15 +105,29 @@ def test_synthesize_ranks_candidates_and_records_scores(stack_with_critic: Path,
     from lesionstudio.synthesize import synthesize
 
     stack = loading.load_stack(32, stack_with_critic)
-    rows = synthesize(tmp_path / "s", 2, stack, batch_size=2, show_progress=False, candidates=3, detail_temperature=0.8)
+    rows = synthesize(
+        tmp_path / "s",
+        2,
+        stack,
+        GenerationSettings(candidates=3, detail_temperature=0.8),
+        batch_size=2,
+        show_progress=False,
+    )
     assert all(r["realism_score"] and r["candidates"] == "3" and r["detail_temperature"] == "0.8" for r in rows)
     assert "best of 3 candidates" in (tmp_path / "s" / "README.md").read_text()
     with pytest.raises(ValueError, match="candidates"):
-        synthesize(tmp_path / "s", 3, stack, batch_size=2, show_progress=False, candidates=2, detail_temperature=0.8)
+        synthesize(
+            tmp_path / "s",
+            3,
+            stack,
+            GenerationSettings(candidates=2, detail_temperature=0.8),
+            batch_size=2,
+            show_progress=False,
+        )
 
 
 def test_studio_generates_with_candidates_and_detail_temperature(stack_with_critic: Path):
-    from lesionstudio.studio import Studio, StudioError
+    from lesionstudio.app.studio import Studio, StudioError
 
     studio = Studio(stack_with_critic)
     assert studio.has_critic
@@ -238,8 +253,8 @@ def test_train_critic_fits_the_heads_on_a_kept_critic(tmp_path: Path, stack_with
 
 
 def test_layouts_are_chosen_per_candidate_by_the_layout_head(stack_with_layout_critic: Path):
-    from lesionstudio.sampling import sample
-    from lesionstudio.stack import LAYOUT_SEED_OFFSET
+    from lesionstudio.sampling.grid import sample
+    from lesionstudio.sampling.stack import LAYOUT_SEED_OFFSET
 
     stack = loading.load_stack(32, stack_with_layout_critic)
     critic, top = stack.critic, stack.levels[0]
@@ -276,39 +291,47 @@ def test_layouts_are_chosen_per_candidate_by_the_layout_head(stack_with_layout_c
 
 
 def test_layouts_need_a_layout_head_for_the_stacks_coarsest_grid(stack_with_critic: Path, tmp_path: Path):
-    from lesionstudio.studio import Studio, StudioError
+    from lesionstudio.app.studio import Studio, StudioError
     from lesionstudio.synthesize import synthesize
 
     stack = loading.load_stack(32, stack_with_critic)
     with pytest.raises(ValueError, match="layout head"):
         sample_ranked(stack, 1, candidates=1, layouts=2)
-    with pytest.raises(loading.CheckpointError, match="layout head"):
-        synthesize(tmp_path / "s", 1, stack, show_progress=False, layouts=2)
+    with pytest.raises(ValueError, match="layout head"):
+        synthesize(tmp_path / "s", 1, stack, GenerationSettings(layouts=2), show_progress=False)
     stack.critic = RealismCritic(**{**stack.critic.config, "layout_grid": 32})
     with pytest.raises(ValueError, match="judges 32x32 layouts, but this stack's coarsest level is 16x16"):
         sample_ranked(stack, 1, candidates=1, layouts=2)
     studio = Studio(stack_with_critic)
-    assert studio.layout_grid == 0 and studio.default_layouts(32) == 1
+    assert studio.layout_grid == 0 and studio.default_settings(32).layouts == 1
     with pytest.raises(StudioError, match="layout head"):
         studio.generate(32, n=1, layouts=2)
 
 
 def test_synthesize_and_studio_choose_layouts(stack_with_layout_critic: Path, tmp_path: Path):
-    from lesionstudio.studio import DEFAULT_LAYOUTS, Studio, StudioError
+    from lesionstudio.app.studio import Studio, StudioError
+    from lesionstudio.sampling.generation import DEFAULT_LAYOUTS
     from lesionstudio.synthesize import synthesize
 
     stack = loading.load_stack(32, stack_with_layout_critic)
-    rows = synthesize(tmp_path / "s", 2, stack, batch_size=2, show_progress=False, candidates=2, layouts=3)
+    rows = synthesize(
+        tmp_path / "s", 2, stack, GenerationSettings(candidates=2, layouts=3), batch_size=2, show_progress=False
+    )
     assert all(r["layouts"] == "3" and r["candidates"] == "2" and r["realism_score"] for r in rows)
     assert "best of 3 drawn, by the critic's layout head" in (tmp_path / "s" / "README.md").read_text()
     with pytest.raises(ValueError, match="layouts"):
-        synthesize(tmp_path / "s", 3, stack, batch_size=2, show_progress=False, candidates=2, layouts=4)
+        synthesize(
+            tmp_path / "s", 3, stack, GenerationSettings(candidates=2, layouts=4), batch_size=2, show_progress=False
+        )
     studio = Studio(stack_with_layout_critic)
-    assert studio.layout_grid == 16 and studio.default_layouts(32) == DEFAULT_LAYOUTS
+    assert studio.layout_grid == 16 and studio.default_settings(32).layouts == DEFAULT_LAYOUTS
     a = studio.generate(32, n=2, seed=4, candidates=2, layouts=3)
-    ranked = sample_ranked(studio.pair(32), 2, 2, 1.0, [4, 5], layouts=3)
+    # Each sample's class is drawn from its seed before any candidate: ranking keeps it.
+    labels = sample_labels(studio.stack(32), GenerationSettings(), [4, 5])
+    ranked = sample_ranked(studio.stack(32), 2, 2, 1.0, [4, 5], labels, layouts=3)
+    assert ranked.labels.tolist() == labels
     assert [im.tobytes() for im in a] == [
-        im.tobytes() for im in (to_image(x) for x in studio.pair(32).vqvae.decode_codes(ranked.codes))
+        im.tobytes() for im in (to_image(x) for x in studio.stack(32).vqvae.decode_codes(ranked.codes))
     ]
     with pytest.raises(StudioError, match="Layouts per candidate"):
         studio.generate(32, n=1, layouts=99)

@@ -17,9 +17,9 @@ import torch
 from conftest import ROOT, TINY_VQVAE_ARGS, make_pair, run_module
 from safetensors.torch import load_file
 
-from lesionstudio import loading
-from lesionstudio.hubmodel import CheckpointError
-from lesionstudio.vqvae import VQVAE
+from lesionstudio.models.hubmodel import CheckpointError
+from lesionstudio.models.vqvae import VQVAE
+from lesionstudio.sampling import loading
 from train import common
 
 TINY = [*TINY_VQVAE_ARGS, "--seed", "5"]

@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,15 @@ import pytest
 import torch
 from conftest import make_pair
 
-from lesionstudio.serving import SamplerError, SamplerWorker, TimingLog, request_workers, set_thread_budget
-from lesionstudio.studio import Studio, StudioError
+from lesionstudio.app.serving import (
+    Inpaint,
+    SamplerError,
+    SamplerWorker,
+    TimingLog,
+    request_workers,
+    set_thread_budget,
+)
+from lesionstudio.app.studio import Studio, StudioError
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +55,9 @@ class Harness:
     def __getattr__(self, name):
         return getattr(self.studio, name)
 
-    def draw(self, settings, seeds, progress=None):
+    def draw(self, request, seeds, progress=None):
         self.order.append(list(seeds))
-        return self.studio.draw(settings, seeds, progress)
+        return self.studio.draw(request, seeds, progress)
 
     def block(self, progress=None):
         self.started.set()
@@ -72,6 +80,46 @@ class Harness:
         return os.getpid(), torch.get_num_threads()
 
 
+@dataclass(frozen=True)
+class Block:
+    def run(self, studio, progress):
+        return studio.block()
+
+
+@dataclass(frozen=True)
+class Nap:
+    seconds: float
+
+    def run(self, studio, progress):
+        return studio.nap(self.seconds)
+
+
+@dataclass(frozen=True)
+class Note:
+    label: str
+
+    def run(self, studio, progress):
+        return studio.note(self.label)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    def run(self, studio, progress):
+        return studio.recorded()
+
+
+@dataclass(frozen=True)
+class Fail:
+    def run(self, studio, progress):
+        return studio.fail()
+
+
+@dataclass(frozen=True)
+class Whereabouts:
+    def run(self, studio, progress):
+        return studio.whereabouts()
+
+
 @pytest.fixture(params=[False, True], ids=["thread", "process"])
 def worker(request, studio: Studio) -> SamplerWorker:
     """A worker in this process and one in a process of its own: the same queue either way."""
@@ -83,7 +131,7 @@ def hold(worker: SamplerWorker) -> threading.Thread:
     harness = worker.studio
     harness.started.clear()
     harness.release.clear()
-    thread = threading.Thread(target=worker.call, args=("block",))
+    thread = threading.Thread(target=worker.run, args=(Block(),))
     thread.start()
     assert harness.started.wait(30)
     return thread
@@ -108,7 +156,7 @@ def in_threads(calls) -> list:
 
 
 def test_waiting_generations_are_one_batch_and_each_gets_its_own_images(studio: Studio, worker: SamplerWorker):
-    settings = studio.generation_settings(32, 1.0, "any")
+    settings = studio.request(32)
     requests = [[5], [9, 10], [100]]
     blocker = hold(worker)
     threads, results = in_threads([lambda s=s: worker.generate(settings, s) for s in requests])
@@ -124,28 +172,28 @@ def test_waiting_generations_are_one_batch_and_each_gets_its_own_images(studio: 
 
 
 def test_other_settings_wait_for_their_own_batch_and_plain_jobs_keep_their_turn(studio: Studio, worker: SamplerWorker):
-    any_class = studio.generation_settings(32, 1.0, "any")
-    benign = studio.generation_settings(32, 1.0, "benign")
+    any_class = studio.request(32)
+    benign = studio.request(32, class_name="benign")
     blocker = hold(worker)
     threads, results = in_threads(
         [
             lambda: worker.generate(any_class, [1]),
             lambda: worker.generate(benign, [2]),
             lambda: worker.generate(any_class, [3]),  # joins the first: same settings, nothing plain between
-            lambda: worker.call("note", "plain"),
+            lambda: worker.run(Note("plain")),
             lambda: worker.generate(any_class, [4]),  # may not overtake the plain job
         ]
     )
     worker.studio.release.set()
     for t in [blocker, *threads]:
         t.join(60)
-    assert worker.call("recorded") == [[1, 3], [2], "plain", [4]]
+    assert worker.run(Recorded()) == [[1, 3], [2], "plain", [4]]
     assert [results[i].timing.batch for i in (0, 1, 2, 4)] == [2, 1, 2, 1]
 
 
 def test_a_batch_never_exceeds_its_draw_limit(studio: Studio):
     worker = SamplerWorker(Harness(studio), max_batch_draws=3, process=False)
-    settings = studio.generation_settings(32, 1.0, "any")
+    settings = studio.request(32)
     blocker = hold(worker)
     threads, results = in_threads([lambda s=s: worker.generate(settings, [s, s + 1]) for s in (0, 10, 20)])
     worker.studio.release.set()
@@ -156,17 +204,17 @@ def test_a_batch_never_exceeds_its_draw_limit(studio: Studio):
 
 def test_a_failing_job_raises_in_its_caller_and_the_worker_keeps_serving(studio: Studio, worker: SamplerWorker):
     with pytest.raises(StudioError, match="no such thing"):
-        worker.call("fail")
+        worker.run(Fail())
     with pytest.raises(StudioError, match="upload an image"):
-        worker.call("inpaint", None, [], 32)
-    out = worker.generate(studio.generation_settings(32, 1.0, "any"), [4])
+        worker.run(Inpaint(None, [], 32, 1, 1.0, 0))
+    out = worker.generate(studio.request(32), [4])
     assert len(out.images) == 1
 
 
 def test_progress_reports_the_wait_then_the_drawing(studio: Studio, worker: SamplerWorker):
     seen: list[str] = []
     blocker = hold(worker)
-    settings = studio.generation_settings(32, 1.0, "any")
+    settings = studio.request(32)
     threads, _ = in_threads([lambda: worker.generate(settings, [1, 2, 3, 4], lambda f, desc: seen.append(desc))])
     time.sleep(0.6)
     worker.studio.release.set()
@@ -178,21 +226,21 @@ def test_progress_reports_the_wait_then_the_drawing(studio: Studio, worker: Samp
 def test_the_sampler_process_draws_on_one_thread_and_leaves_the_apps_setting_alone(studio: Studio):
     threads = torch.get_num_threads()
     worker = SamplerWorker(Harness(studio), process=True)
-    pid, its_threads = worker.call("whereabouts")
+    pid, its_threads = worker.run(Whereabouts())
     assert pid == worker.pid != os.getpid() and its_threads == 1
     assert torch.get_num_threads() == threads
-    assert SamplerWorker(Harness(studio), process=False).call("whereabouts") == (os.getpid(), threads)
+    assert SamplerWorker(Harness(studio), process=False).run(Whereabouts()) == (os.getpid(), threads)
 
 
 def test_a_sampler_process_that_dies_is_restarted(studio: Studio):
     worker = SamplerWorker(Harness(studio), process=True)
-    settings = studio.generation_settings(32, 1.0, "any")
+    settings = studio.request(32)
     first = worker.pid
     os.kill(first, signal.SIGKILL)  # between jobs: the next request is simply served
     time.sleep(0.5)
     assert len(worker.generate(settings, [1]).images) == 1 and worker.pid != first
     worker.studio.started.clear()  # while working: that request gets a clear error, the next is served
-    threads, results = in_threads([lambda: worker.call("nap", 30)])
+    threads, results = in_threads([lambda: worker.run(Nap(30))])
     assert worker.studio.started.wait(30)
     os.kill(worker.pid, signal.SIGKILL)
     threads[0].join(60)
@@ -203,7 +251,7 @@ def test_a_sampler_process_that_dies_is_restarted(studio: Studio):
 
 def test_generate_checks_its_request_before_it_is_queued(studio: Studio):
     with pytest.raises(StudioError, match="Unknown class"):
-        studio.generation_settings(32, 1.0, "nevus")
+        studio.request(32, class_name="nevus")
     with pytest.raises(StudioError, match="between 1 and"):
         studio.sample_seeds(0, 1)
     with pytest.raises(StudioError, match="seeds"):
@@ -251,7 +299,7 @@ def test_through_the_app_sampler_work_never_overlaps_and_no_request_changes_the_
     from gradio_client import Client, handle_file
     from PIL import Image
 
-    from lesionstudio.ui import build
+    from lesionstudio.app.ui import build
 
     log = tmp_path / "spans.txt"  # written by both processes
 

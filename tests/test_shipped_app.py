@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, launch_app, lesion_image, painted_editor, result_pixels
 
-from lesionstudio.studio import Studio
+from lesionstudio.app.studio import Studio
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -25,7 +25,7 @@ def test_start_up_loads_the_default_stack_only():
     assert 128 in studio.latents
     studio.preload()
     assert studio.loaded_latents == [16, 32, 64]
-    studio.pair(128)
+    studio.stack(128)
     assert studio.loaded_latents == [16, 32, 64, 128]
 
 

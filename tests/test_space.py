@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from lesionstudio.space import (
+from lesionstudio.app.space import (
     HUB_REPO_VAR,
     MAX_SHORT_DESCRIPTION,
     SpaceConfigError,

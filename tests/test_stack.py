@@ -12,12 +12,12 @@ import torch
 from conftest import make_pair, run_module
 from fake_hub import serve_repo
 
-from lesionstudio import loading
-from lesionstudio.hubmodel import CheckpointError
-from lesionstudio.pixelcnn import GatedPixelCNN
-from lesionstudio.sampling import inpaint, sample
-from lesionstudio.stack import ModelStack, coarse_mask, inpaint_stack, level_seed, sample_stack, stack_nll_bits
-from lesionstudio.studio import Studio
+from lesionstudio.app.studio import Studio
+from lesionstudio.models.hubmodel import CheckpointError
+from lesionstudio.models.pixelcnn import GatedPixelCNN
+from lesionstudio.sampling import loading
+from lesionstudio.sampling.grid import inpaint, sample
+from lesionstudio.sampling.stack import ModelStack, coarse_mask, inpaint_stack, level_seed, sample_stack, stack_nll_bits
 
 
 def random_hier_prior(num_classes: int = 0, seed: int = 0) -> GatedPixelCNN:
@@ -234,7 +234,7 @@ def test_evaluate_scores_a_hierarchical_prior_with_its_coarse_pair(checkpoints: 
 def test_hierarchical_pair_through_a_local_hub_server(checkpoints: Path, tmp_path: Path):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
     script = (
-        "import json; from lesionstudio import loading; p = loading.load_stack(64, 'lesion/checkpoints'); "
+        "import json; from lesionstudio.sampling import loading; p = loading.load_stack(64, 'lesion/checkpoints'); "
         "print(json.dumps([p.coarse.latent, p.coarse.prior.grid_size, p.prior.cond_grid_size]))"
     )
     with serve_repo("lesion/checkpoints", checkpoints) as (endpoint, requests):

@@ -12,7 +12,7 @@ import torch
 from conftest import lesion_image, make_pair
 from PIL import Image
 
-from lesionstudio.studio import Studio, StudioError, mask_to_codes, zip_images
+from lesionstudio.app.studio import Studio, StudioError, mask_to_codes, zip_images
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +72,10 @@ def test_nearest_training_image_of_samples(tmp_path: Path, monkeypatch):
     samples = studio.generate(32, n=2, seed=1)
     found = studio.nearest_training(samples)
     assert len(found) == 2 and all(img.size == (256, 256) for img, _ in found)
-    assert found[0][1].startswith("sample 1: distance ratio ") and ", lesion_" in found[0][1]
+    assert found[0][1].startswith("1: ") and ", lesion_" in found[0][1]
     copy = Image.open(files[5]).transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # a mirrored training image
     ((_, caption),) = studio.nearest_training([copy])
-    assert caption == f"sample 1: distance ratio 0.00 (possible copy), {files[5].name}"
+    assert caption == f"1: 0.00 copy?, {files[5].name}"
     assert Studio(tmp_path / "ck").nearest_training(samples) == []  # no data folder: nothing to show
 
 
@@ -157,7 +157,7 @@ def test_zip_images():
 
 
 def test_quiz_images_drawn_together_are_each_the_image_drawn_alone(studio: Studio):
-    from lesionstudio.readerstudy import Trial
+    from lesionstudio.app.readerstudy import Trial
 
     trials = [Trial(i, "synthetic", seed=s) for i, s in enumerate((11, 12345, 7))]
     together = studio.quiz_synthetic_images(trials)

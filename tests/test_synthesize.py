@@ -12,8 +12,9 @@ from conftest import make_pair, run_module
 from PIL import Image
 
 from lesionstudio.codes import file_sha256
-from lesionstudio.loading import load_stack
-from lesionstudio.sampling import sample
+from lesionstudio.sampling.generation import GenerationSettings
+from lesionstudio.sampling.grid import sample
+from lesionstudio.sampling.loading import load_stack
 from lesionstudio.synthesize import COLUMNS, image_seed, synthesize
 
 
@@ -73,7 +74,7 @@ def test_cli_writes_n_images_with_matching_metadata(ckpts: Path, tmp_path: Path)
 
 def test_bits_per_code_is_the_priors_nll_of_the_image_codes(ckpts: Path, tmp_path: Path):
     pair = load_stack(32, ckpts)
-    row = synthesize(tmp_path, 1, pair, class_name="benign", seed=11, show_progress=False)[0]
+    row = synthesize(tmp_path, 1, pair, GenerationSettings(class_name="benign"), seed=11, show_progress=False)[0]
     codes = sample(pair.prior, 1, seed=[int(row["image_seed"])], labels=torch.tensor([0]))
     expected = float(pair.prior.nll_bits(codes, torch.tensor([0]))[0])
     assert float(row["bits_per_code"]) == pytest.approx(expected, abs=1e-3)
@@ -103,16 +104,18 @@ def test_rerun_resumes_and_same_seed_same_images(ckpts: Path, tmp_path: Path):
 
 def test_classes_are_honoured(ckpts: Path, tmp_path: Path):
     pair = load_stack(32, ckpts)
-    rows = synthesize(tmp_path / "m", 3, pair, class_name="malignant", seed=1, show_progress=False)
+    rows = synthesize(tmp_path / "m", 3, pair, GenerationSettings(class_name="malignant"), seed=1, show_progress=False)
     assert [r["class"] for r in rows] == ["malignant"] * 3
     # The class reaches the prior: the same seeds under the other class give other codes.
-    rows_b = synthesize(tmp_path / "b", 3, pair, class_name="benign", seed=1, show_progress=False)
+    rows_b = synthesize(tmp_path / "b", 3, pair, GenerationSettings(class_name="benign"), seed=1, show_progress=False)
     assert [r["class"] for r in rows_b] == ["benign"] * 3
     assert any(not np.array_equal(pixels(tmp_path / "m" / r["file"]), pixels(tmp_path / "b" / r["file"])) for r in rows)
-    mixed = synthesize(tmp_path / "any", 12, pair, class_name="any", seed=1, batch_size=6, show_progress=False)
+    mixed = synthesize(
+        tmp_path / "any", 12, pair, GenerationSettings(class_name="any"), seed=1, batch_size=6, show_progress=False
+    )
     assert {r["class"] for r in mixed} == {"benign", "malignant"}
-    with pytest.raises(ValueError, match="unknown class 'nevus'"):
-        synthesize(tmp_path / "x", 1, pair, class_name="nevus", show_progress=False)
+    with pytest.raises(ValueError, match="Unknown class 'nevus'"):
+        synthesize(tmp_path / "x", 1, pair, GenerationSettings(class_name="nevus"), show_progress=False)
 
 
 def test_other_settings_are_refused_not_mixed(ckpts: Path, tmp_path: Path):
@@ -120,7 +123,7 @@ def test_other_settings_are_refused_not_mixed(ckpts: Path, tmp_path: Path):
     synthesize(tmp_path, 2, pair, seed=1, show_progress=False)
     before = (tmp_path / "metadata.csv").read_bytes()
     with pytest.raises(ValueError, match="temperature"):
-        synthesize(tmp_path, 3, pair, seed=1, temperature=0.5, show_progress=False)
+        synthesize(tmp_path, 3, pair, GenerationSettings(temperature=0.5), seed=1, show_progress=False)
     with pytest.raises(ValueError, match="seed"):
         synthesize(tmp_path, 3, pair, seed=2, show_progress=False)
     assert (tmp_path / "metadata.csv").read_bytes() == before and len(list(tmp_path.glob("*.png"))) == 2
@@ -137,14 +140,15 @@ def test_other_settings_are_refused_not_mixed(ckpts: Path, tmp_path: Path):
             "--checkpoints",
             str(ckpts),
             "--temperature",
-            "0",
+            "-1",
         ]
     )
-    assert r.returncode != 0 and "temperature must be positive" in r.stderr
+    # The rules of lesionstudio.sampling.generation, the same as the Generate tab's.
+    assert r.returncode != 0 and "Temperature must be between 0 and 4" in r.stderr
 
 
 def test_unconditional_prior_refuses_a_class(tmp_path: Path):
-    from lesionstudio.pixelcnn import GatedPixelCNN
+    from lesionstudio.models.pixelcnn import GatedPixelCNN
 
     make_pair(tmp_path / "ck", 32)
     GatedPixelCNN(num_codes=16, channels=8, num_layers=2, grid_size=32, code_dim=4).save_pretrained(
@@ -152,6 +156,6 @@ def test_unconditional_prior_refuses_a_class(tmp_path: Path):
     )
     pair = load_stack(32, tmp_path / "ck")
     with pytest.raises(ValueError, match="unconditional"):
-        synthesize(tmp_path / "o", 1, pair, class_name="benign", show_progress=False)
+        synthesize(tmp_path / "o", 1, pair, GenerationSettings(class_name="benign"), show_progress=False)
     rows = synthesize(tmp_path / "o", 2, pair, show_progress=False)
     assert [r["class"] for r in rows] == ["", ""]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lesionstudio.pixelcnn import GatedPixelCNN
-from lesionstudio.teacherforcing import likeliest_classes, mix_codes, teacher_forced_draws
+from lesionstudio.models.pixelcnn import GatedPixelCNN
+from lesionstudio.sampling.teacherforcing import likeliest_classes, mix_codes, teacher_forced_draws
 
 
 def tiny_prior(num_classes: int = 0, coarse: bool = False) -> GatedPixelCNN:

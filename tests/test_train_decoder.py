@@ -11,12 +11,14 @@ import torch
 from conftest import kill_when_exists, run_module
 from safetensors.torch import load_file
 
-from lesionstudio import loading
-from lesionstudio.codedecoder import CodeDecoder
+from lesionstudio import quality
+from lesionstudio.app.studio import Studio
 from lesionstudio.codes import file_sha256
-from lesionstudio.hubmodel import CheckpointError
-from lesionstudio.studio import Studio
-from lesionstudio.vqvae import VQVAE
+from lesionstudio.models.codedecoder import CodeDecoder
+from lesionstudio.models.critic import FitSettings
+from lesionstudio.models.hubmodel import CheckpointError
+from lesionstudio.models.vqvae import VQVAE
+from lesionstudio.sampling import loading
 
 
 def cli(ckpts: Path, folder: Path, out: Path, epochs: int, *extra: str) -> list[str]:
@@ -111,10 +113,11 @@ def test_a_fresh_decoder_copy_decodes_as_the_vqvae_does(stack_with_critic: Path)
 
 def test_resume_matches_uninterrupted_run(stack_with_critic: Path, image_folder: Path, tmp_path: Path):
     full, part = tmp_path / "full", tmp_path / "part"
-    train(stack_with_critic, image_folder, full, 3)
-    kill_when_exists(cli(stack_with_critic, image_folder, part, 3), part / "checkpoint.pt")
+    # The high-pass discriminator: its spectral norm's power-iteration state must resume too.
+    train(stack_with_critic, image_folder, full, 3, "--disc-highpass")
+    kill_when_exists(cli(stack_with_critic, image_folder, part, 3, "--disc-highpass"), part / "checkpoint.pt")
     assert not (part / "final").exists(), "the run finished before it could be interrupted"
-    res = train(stack_with_critic, image_folder, part, 3, "--resume")
+    res = train(stack_with_critic, image_folder, part, 3, "--disc-highpass", "--resume")
     assert "resumed" in res.stdout
     a, b = load_file(full / "final" / "model.safetensors"), load_file(part / "final" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -155,6 +158,19 @@ def test_a_shipped_decoder_renders_samples_and_is_shown_in_reconstruct(trained: 
     r = studio.reconstruct(str(upload), 32)
     assert r.rendered is not None and r.rendered.size == r.reconstruction.size
     assert r.rendered_psnr is not None and r.rendered_ssim is not None
+
+    # The yardstick's calibration gets a row for the post-trained decoder's reconstructions.
+    files = sorted((trained.parent / "images" / "train").iterdir())[:8]
+    rows = quality.c2st_calibration(files, FitSettings(epochs=1), stack=stack, controls=False)
+    assert set(rows) == {
+        "real vs decoded 32x32 teacher-forced draws (post-trained decoder)",
+        "real vs 32x32 reconstructions (post-trained decoder)",
+    }
+    images = quality.load_uint8(files[:2])
+    codes = stack.vqvae.encode(images.float() / 255)
+    assert torch.equal(
+        quality.rendered_reconstructions(images, stack), quality.as_uint8(stack.decoder.decode_codes(codes))
+    )
 
 
 def test_a_decoder_for_another_codebook_is_refused(trained: Path, stack_with_critic: Path):

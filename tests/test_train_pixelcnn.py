@@ -12,10 +12,10 @@ from conftest import kill_when_exists, run_module
 from safetensors.torch import load_file
 
 from lesionstudio.data import split_indices
-from lesionstudio.pixelcnn import GatedPixelCNN
-from lesionstudio.sampling import sample
-from lesionstudio.scoring import prior_bits
-from lesionstudio.vqvae import VQVAE
+from lesionstudio.measure.scoring import prior_bits
+from lesionstudio.models.pixelcnn import GatedPixelCNN
+from lesionstudio.models.vqvae import VQVAE
+from lesionstudio.sampling.grid import sample
 from train.pixelcnn import random_windows
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_VQVAE_ARGS, kill_when_exists, run_module
 from safetensors.torch import load_file
 
-from lesionstudio.vqvae import VQVAE
+from lesionstudio.models.vqvae import VQVAE
 
 TINY = [*TINY_VQVAE_ARGS, "--seed", "3"]
 

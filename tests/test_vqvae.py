@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lesionstudio import metrics
-from lesionstudio.hubmodel import CheckpointError
-from lesionstudio.vqvae import VQVAE, VectorQuantizer
+from lesionstudio.measure import metrics
+from lesionstudio.models.hubmodel import CheckpointError
+from lesionstudio.models.vqvae import VQVAE, VectorQuantizer
 
 SMALL = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, num_codes=32, code_dim=8)
 

@@ -10,28 +10,42 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from lesionstudio.models.critic import HighPass
 
 
 class PatchDiscriminator(nn.Module):
-    """A logit per overlapping patch (70 px receptive field with 3 layers) of images in [0, 1]."""
+    """A logit per overlapping patch (70 px receptive field with 3 layers) of images in [0, 1].
 
-    def __init__(self, channels: int = 32, num_layers: int = 3, in_channels: int = 3) -> None:
+    ``highpass``: it sees each image beside its amplified fine detail (``critic.HighPass``) and
+    is kept stable by spectral norm instead of GroupNorm, which would divide out the very energy
+    of fine detail that a smooth or speckled rendering lacks or overdoes."""
+
+    def __init__(self, channels: int = 32, num_layers: int = 3, highpass: bool = False) -> None:
         super().__init__()
-        blocks: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2))]
+        self.highpass = HighPass() if highpass else None
+        in_channels = 6 if highpass else 3
+        blocks: list[nn.Module] = [nn.Sequential(self._conv(in_channels, channels, 2), nn.LeakyReLU(0.2))]
         ch = channels
         for i in range(1, num_layers + 1):
             out = channels * min(2**i, 8)
             stride = 2 if i < num_layers else 1
             # GroupNorm, not BatchNorm: real and fake batches are judged apart, and batch
             # statistics would tell them apart by themselves.
-            blocks.append(nn.Sequential(nn.Conv2d(ch, out, 4, stride, 1), nn.GroupNorm(8, out), nn.LeakyReLU(0.2)))
+            norm = nn.Identity() if highpass else nn.GroupNorm(8, out)
+            blocks.append(nn.Sequential(self._conv(ch, out, stride), norm, nn.LeakyReLU(0.2)))
             ch = out
         self.blocks = nn.ModuleList(blocks)
-        self.head = nn.Conv2d(ch, 1, 4, 1, 1)
+        self.head = self._conv(ch, 1, 1)
+
+    def _conv(self, ch_in: int, ch_out: int, stride: int) -> nn.Module:
+        conv = nn.Conv2d(ch_in, ch_out, 4, stride, 1)
+        return spectral_norm(conv) if self.highpass is not None else conv
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Every block's activations, then the patch logits last."""
-        x = images - 0.5
+        x = images - 0.5 if self.highpass is None else self.highpass(images)
         out = []
         for block in self.blocks:
             x = block(x)

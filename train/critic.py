@@ -7,7 +7,7 @@ Real images come from the trainers' training split of --real (the validation spl
 for the two-sample test); a seeded tenth of each side is held out to measure the critic.
 Writes OUT/metrics.json and OUT/final/ (config.json, model.safetensors, README.md).
 
---shape-head also fits the lesion-shape head (``lesionstudio.lesionshape``: one whole lesion with a
+--shape-head also fits the lesion-shape head (``lesionstudio.measure.lesionshape``: one whole lesion with a
 border on skin?) on the same images; --from-critic DIR keeps DIR's CNN branches as they are and
 fits only that head:
 
@@ -26,21 +26,24 @@ from pathlib import Path
 
 import torch
 
-from lesionstudio.critic import FitSettings, RealismCritic, fit
+from lesionstudio.cli import HelpFormatter, add_config_argument, parse_with_config
 from lesionstudio.data import find_images, split_files
-from lesionstudio.lesionshape import shape_features
-from lesionstudio.loading import load_stack
-from lesionstudio.sampling import sample
-from lesionstudio.twosample import load_uint8
+from lesionstudio.measure.lesionshape import shape_features
+from lesionstudio.measure.twosample import load_uint8
+from lesionstudio.models.critic import FitSettings, RealismCritic, fit
+from lesionstudio.sampling.grid import sample
+from lesionstudio.sampling.loading import load_stack
 
 from .modelcard import DATA_NOTE, KINDS, LICENSE_NOTE, metric_table, title, with_metadata
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.critic", description=__doc__.split("\n")[0])
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train.critic", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--real", type=Path, required=True, help="folder of real images (its training split is used)")
     p.add_argument("--generated", type=Path, required=True, help="folder of the stack's samples")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, logs; OUT/final/ at the end")
     p.add_argument("--real-limit", type=int, default=2000, help="seeded subset of the real training images")
     p.add_argument("--epochs", type=int, default=FitSettings.epochs)
     p.add_argument("--batch-size", type=int, default=FitSettings.batch_size)
@@ -53,7 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layout-latent", type=int, default=16, help="the grid of the coarsest level (the layouts)")
     p.add_argument("--layouts", type=int, default=3200, help="layouts drawn (seeded) and real images for it")
     p.add_argument("--from-critic", type=Path, help="keep this critic's CNN branches; fit only the heads")
-    args = p.parse_args(argv)
+    add_config_argument(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = make_parser()
+    args = parse_with_config(p, argv)
     if args.from_critic is not None and not (args.shape_head or args.layout_head):
         p.error("--from-critic fits only the heads: add --shape-head and/or --layout-head")
     return args
@@ -140,7 +149,7 @@ def model_card(metrics: dict, config: dict, command: str) -> str:
     table = "\n".join(metric_table(rows, KINDS["critic"].header))
     shape_note = (
         " A *shape head* (a quadratic logistic regression on the features of a rough lesion"
-        " segmentation, `lesionstudio.lesionshape`: one lesion or scattered pigment, whole or cut by the"
+        " segmentation, `lesionstudio.measure.lesionshape`: one lesion or scattered pigment, whole or cut by the"
         " frame, its roundness, contrast and border) gives the log-odds that the layout is real. A"
         " sample's realism score is the mean of the two CNN logits plus the shape log-odds (> 0: looks real)."
         if config.get("shape_head")

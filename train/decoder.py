@@ -29,32 +29,34 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from lesionstudio import metrics, npzcache
-from lesionstudio.codedecoder import CodeDecoder
+from lesionstudio import npzcache
+from lesionstudio.cli import HelpFormatter, add_config_argument, parse_with_config
 from lesionstudio.codes import codes_key, state_sha256
 from lesionstudio.data import LesionImageFolder, collate_skip_bad, eval_transform, split_indices
-from lesionstudio.hubmodel import CheckpointError
-from lesionstudio.loading import LATENTS, load_stack
+from lesionstudio.measure import metrics
+from lesionstudio.models.codedecoder import CodeDecoder
+from lesionstudio.models.hubmodel import CheckpointError
 from lesionstudio.plots import write_curves
-from lesionstudio.stack import ModelStack
-from lesionstudio.teacherforcing import mix_codes, teacher_forced_draws
+from lesionstudio.sampling.loading import LATENTS, load_stack
+from lesionstudio.sampling.stack import ModelStack
+from lesionstudio.sampling.teacherforcing import mix_codes, teacher_forced_draws
 
 from . import common
 from .adversarial import PatchDiscriminator, adaptive_weight, feature_matching, hinge_d_loss
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train.decoder",
         description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--checkpoints", default="checkpoints", help="folder (or Hub repo) with vqvae-N/ and pixelcnn-N/")
     p.add_argument("--latent", type=int, choices=LATENTS, default=64, help="the grid whose decoder is post-trained")
     p.add_argument("--data", type=Path, required=True, help="folder of training images (searched recursively)")
     p.add_argument("--labels", type=Path, default=None, help="labels CSV, for a class-conditional prior")
     p.add_argument("--label-column", default=None)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, logs; OUT/final/ at the end")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--epochs", type=int, default=20)
@@ -84,8 +86,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--disc-channels", type=int, default=32)
     p.add_argument("--disc-layers", type=int, default=3)
+    p.add_argument(
+        "--disc-highpass",
+        action="store_true",
+        help="the discriminator also sees each crop's amplified fine detail (spectral norm, no GroupNorm)",
+    )
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
-    args = p.parse_args(argv)
+    add_config_argument(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = make_parser()
+    args = parse_with_config(p, argv)
     for name in ("real_share", "max_redraw"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1]")
@@ -239,7 +252,7 @@ def prepare(args: argparse.Namespace, device: torch.device, d: common.Dist) -> R
     pairs = load_pairs(args, stack)
     train_idx, val_idx = split_indices(len(pairs.codes), args.val_fraction, seed=args.seed)
     common.seed_everything(args.seed)
-    disc = PatchDiscriminator(args.disc_channels, args.disc_layers)
+    disc = PatchDiscriminator(args.disc_channels, args.disc_layers, args.disc_highpass)
     try:
         decoder = CodeDecoder.from_vqvae(stack.vqvae, "adversarial", args.res_blocks)
     except ValueError as exc:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from lesionstudio.hubmodel import WEIGHTS_LICENSE
+from lesionstudio.cli import HelpFormatter
+from lesionstudio.models.hubmodel import WEIGHTS_LICENSE
 
 DATA_NOTE = (
     "Trained on `isic256/train`: 7,040 real dermoscopic images (256×256 JPEG, 3,710 benign / "
@@ -207,6 +208,12 @@ def log_table(records: list[dict]) -> list[str]:
     return lines + ["| " + " | ".join(_cell(r.get(k, "")) for k in columns) + " |" for r in records]
 
 
+def recipe_line(recipes: list[str]) -> str:
+    """Where the card's recipe files are, in the order they run (``--config FILE``)."""
+    files = ", then ".join(f"`{r}`" for r in recipes)
+    return f"Recipe: {files} (each run by its trainer with `--config FILE`)."
+
+
 def card(
     model: Path,
     runs: list[Path],
@@ -215,6 +222,7 @@ def card(
     samples: str | None,
     extra: str,
     hours: float | None,
+    recipes: list[str] | None = None,
 ) -> ModelCard:
     config = json.loads((model / "config.json").read_text())
     records = read_runs(runs)
@@ -235,6 +243,7 @@ def card(
         "",
         f"Command (CPU, 2 cores): `{command}`",
         "",
+        *([recipe_line(recipes), ""] if recipes else []),
         f"Epochs: {epochs}." + (f" Training wall time on the CPU: {hours:.2f} h." if hours else ""),
         "",
         "Hyper-parameters (config.json):",
@@ -261,7 +270,9 @@ def card(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m train.modelcard", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument(
         "--refresh",
         type=Path,
@@ -278,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=Path, default=None, help="image to copy beside the card and show")
     p.add_argument("--extra", default="", help="markdown appended to the card")
     p.add_argument("--wall-hours", type=float, default=None, help="training wall time, if the log lacks it")
+    p.add_argument(
+        "--recipe", action="append", default=None, help="a recipe file of the run (configs/recipes/); repeat"
+    )
     args = p.parse_args(argv)
     if args.refresh:
         for model in args.refresh:
@@ -291,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.samples:
         shutil.copy(args.samples, args.model / args.samples.name)
         samples = args.samples.name
-    written = card(args.model, args.run, evaluation, args.command, samples, args.extra, args.wall_hours)
+    written = card(args.model, args.run, evaluation, args.command, samples, args.extra, args.wall_hours, args.recipe)
     written.save(args.model / "README.md")
     print(f"wrote {args.model / 'README.md'}")
 

@@ -28,23 +28,26 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from lesionstudio.cli import HelpFormatter, add_config_argument, parse_with_config
 from lesionstudio.codes import CodeSet, codes_key, load_or_extract
 from lesionstudio.data import LesionImageFolder, dihedral_variant, eval_transform, split_indices
-from lesionstudio.metrics import entropy_bits, usage_histogram
-from lesionstudio.pixelcnn import GatedPixelCNN
+from lesionstudio.measure.metrics import entropy_bits, usage_histogram
+from lesionstudio.measure.scoring import prior_bits
+from lesionstudio.models.pixelcnn import GatedPixelCNN
+from lesionstudio.models.vqvae import VQVAE
 from lesionstudio.plots import write_curves
-from lesionstudio.sampling import sample
-from lesionstudio.scoring import prior_bits
-from lesionstudio.vqvae import VQVAE
+from lesionstudio.sampling.grid import sample
 
 from . import common
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.pixelcnn", description=__doc__.split("\n")[0])
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train.pixelcnn", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--vqvae", type=str, required=True, help="trained VQ-VAE folder (or Hub repo id)")
     p.add_argument("--data", type=Path, required=True, help="folder of images (searched recursively)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, logs; OUT/final/ at the end")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--labels", type=Path, default=None, help="CSV of file -> class: makes the prior conditional")
@@ -85,7 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--samples", type=int, default=4, help="samples decoded after each epoch (0: none)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
-    return p.parse_args(argv)
+    add_config_argument(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = make_parser()
+    return parse_with_config(p, argv)
 
 
 def encode_dataset(

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from lesionstudio.cli import HelpFormatter, add_config_argument, parse_with_config
 from lesionstudio.data import (
     LesionImageFolder,
     collate_skip_bad,
@@ -28,21 +29,23 @@ from lesionstudio.data import (
     split_indices,
     train_transform,
 )
-from lesionstudio.loading import LATENTS
+from lesionstudio.measure.scoring import codebook_usage, evaluate
+from lesionstudio.models.vqvae import VQVAE, ResidualBlock
 from lesionstudio.plots import write_curves
-from lesionstudio.scoring import codebook_usage, evaluate
-from lesionstudio.vqvae import VQVAE, ResidualBlock
+from lesionstudio.sampling.loading import LATENTS
 
 from . import common
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.vqvae", description=__doc__.split("\n")[0])
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train.vqvae", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--data", type=Path, required=True, help="folder of images (searched recursively)")
     p.add_argument("--latent", type=int, choices=LATENTS, default=64, help="code grid side for a 256 px image")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32, help="per process")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, logs; OUT/final/ at the end")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--limit", type=int, default=None, help="use a seeded random subset of N images")
@@ -85,7 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "trained on them) stay valid",
     )
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
-    args = p.parse_args(argv)
+    add_config_argument(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = make_parser()
+    args = parse_with_config(p, argv)
     if args.freeze_encoder and args.init_from is None:
         p.error("--freeze-encoder needs --init-from (a trained encoder and codebook to keep)")
     if args.init_from is not None:

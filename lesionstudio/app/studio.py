@@ -12,7 +12,7 @@ import io
 import threading
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,10 +22,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import metrics
-from .data import ImageLoadError, eval_transform, find_images, load_image, to_pil
-from .features import EncoderFeatures, cached, compute, dihedral, feature_transform
-from .loading import (
+from ..data import ImageLoadError, eval_transform, find_images, load_image, to_pil
+from ..measure import metrics
+from ..measure.features import EncoderFeatures, cached, compute, dihedral, feature_transform
+from ..measure.neighbours import DEFAULT_THRESHOLD, nearest
+from ..plots import code_map_image, codebook_usage_figure, error_heatmap
+from ..sampling.generation import GenerationError, GenerationSettings, draw_samples
+from ..sampling.loading import (
     LATENTS,
     available_latents,
     critic_layout_grid,
@@ -34,25 +37,13 @@ from .loading import (
     has_critic,
     load_stack,
 )
-from .neighbours import DEFAULT_THRESHOLD, nearest
-from .pixelcnn import ClassNameError
-from .plots import code_map_image, codebook_usage_figure, error_heatmap
+from ..sampling.stack import ModelStack, coarse_mask, inpaint_stack, per_sample_seeds
 from .readerstudy import Trial, plan_trials
-from .stack import ModelStack, coarse_mask, inpaint_stack, per_sample_seeds, sample_ranked, sample_stack
 
 # Upload limits: what the studio accepts before decoding (the README's Limits section).
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000
 MAX_SAMPLES = 16
-MAX_CANDIDATES = 8  # per sample: the batch drawn is samples x candidates
-MAX_GUIDANCE = 4.0
-MAX_LAYOUTS = 16  # per candidate: layouts are cheap, but not free
-# The Generate tab's defaults: what measured best within the time limits (README, "Realism").
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_DETAIL_TEMPERATURE = 1.0
-DEFAULT_CANDIDATES = 4
-DEFAULT_GUIDANCE = 1.0
-DEFAULT_LAYOUTS = 8
 REFERENCE_IMAGES = 64  # data images whose nearest other data image sets the typical distance
 
 
@@ -115,17 +106,16 @@ class Reconstruction:
 
 
 @dataclass(frozen=True)
-class GenerationSettings:
-    """What a generation request asks for besides its seeds: requests that share it can be
-    drawn as one batch."""
+class GenerationRequest:
+    """A generation request but its seeds, checked: requests that share it can be drawn as one
+    batch."""
 
     latent: int
-    temperature: float  # the coarsest level's (the layout)
-    detail_temperature: float  # every finer level's
-    class_name: str  # "any": drawn by the training class frequencies, per sample
-    candidates: int  # drawn per kept sample, ranked by the critic
-    guidance: float = 1.0  # how closely each finer level follows the grid below (1: as trained)
-    layouts: int = 1  # drawn per candidate, the critic's layout head keeping one
+    settings: GenerationSettings  # resolved for the latent's stack
+
+    @property
+    def draws_per_sample(self) -> int:
+        return self.settings.candidates or 1
 
 
 class Inpainting(NamedTuple):
@@ -139,7 +129,7 @@ class Inpainting(NamedTuple):
 
 
 class Studio:
-    """Loads checkpoint pairs lazily (once per latent size) and serves the four tasks."""
+    """Loads model stacks lazily (once per latent size) and serves the app's tasks."""
 
     def __init__(
         self,
@@ -147,14 +137,17 @@ class Studio:
         device: str = "cpu",
         data_dir: str | Path | None = None,
         data_limit: int = 256,
+        reader_dir: str | Path | None = None,
     ) -> None:
         self.source = default_source() if source is None else source
         self.device = device
-        # Optional image folder for "where does this code occur most": the first data_limit images.
+        # The training images (where a code occurs, each sample's nearest one): the first data_limit.
         self.data_files = find_images(data_dir)[:data_limit] if data_dir else []
+        # The reader study's real images: real lesions the models never saw.
+        self.reader_files = find_images(reader_dir) if reader_dir else []
         self._data_codes: dict[int, torch.Tensor] = {}
         self._atlases: dict[tuple[int, int], Image.Image] = {}
-        self._pairs: dict[int, ModelStack] = {}
+        self._stacks: dict[int, ModelStack] = {}
         self._neighbours: NeighbourIndex | None = None
         self._index_lock = threading.Lock()  # building the index takes a while: not under self._lock
         self._lock = threading.Lock()
@@ -168,13 +161,10 @@ class Studio:
         if not self.latents:
             raise StudioError(f"no VQ-VAE checkpoints (vqvae-32/, vqvae-64/, vqvae-128/) found in {self.source}")
 
-    def default_layouts(self, latent: int | str) -> int:
-        """Layouts per candidate by default: DEFAULT_LAYOUTS where the critic's layout head judges
-        this stack's coarsest grid, else 1."""
-        if not self.layout_grid:
-            return 1
-        pair = self.pair(latent)
-        return DEFAULT_LAYOUTS if pair.prior is not None and pair.levels[0].latent == self.layout_grid else 1
+    def default_settings(self, latent: int) -> GenerationSettings:
+        """The settings a request that sets nothing gets on this grid (GenerationSettings'
+        defaults, as far as the stack can honour them)."""
+        return self.request(latent).settings
 
     @property
     def default_latent(self) -> int:
@@ -191,53 +181,53 @@ class Studio:
     def loaded_latents(self) -> list[int]:
         """The grid sizes loaded so far (each with its coarser levels); others load on first use."""
         with self._lock:
-            return sorted({level.latent for stack in self._pairs.values() for level in stack.levels})
+            return sorted({level.latent for stack in self._stacks.values() for level in stack.levels})
 
     def preload(self) -> None:
         """Load the default stack now, so the first request does not pay for it."""
-        self.pair(self.default_latent)
+        self.stack(self.default_latent)
 
-    def pair(self, latent: int | str) -> ModelStack:
+    def stack(self, latent: int) -> ModelStack:
         latent = int(latent)
         if latent not in self.latents:
             raise StudioError(f"Latent size {latent} is not available; choose one of {self.latents}.")
         with self._lock:
-            if latent not in self._pairs:
-                self._pairs[latent] = load_stack(latent, self.source, device=self.device, require_prior=False)
-            return self._pairs[latent]
+            if latent not in self._stacks:
+                self._stacks[latent] = load_stack(latent, self.source, device=self.device, require_prior=False)
+            return self._stacks[latent]
 
-    def _tensor(self, img: Image.Image, pair: ModelStack) -> torch.Tensor:
-        return eval_transform(pair.vqvae.image_size)(img).unsqueeze(0).to(self.device)
+    def _tensor(self, img: Image.Image, stack: ModelStack) -> torch.Tensor:
+        return eval_transform(stack.vqvae.image_size)(img).unsqueeze(0).to(self.device)
 
     @torch.no_grad()
-    def reconstruct(self, image: str | Path | Image.Image | None, latent: int | str) -> Reconstruction:
-        pair = self.pair(latent)
-        x = self._tensor(open_upload(image), pair)
-        recon, codes = pair.vqvae.reconstruct(x)
+    def reconstruct(self, image: str | Path | Image.Image | None, latent: int) -> Reconstruction:
+        stack = self.stack(latent)
+        x = self._tensor(open_upload(image), stack)
+        recon, codes = stack.vqvae.reconstruct(x)
         out = Reconstruction(
             original=to_pil(x),
             reconstruction=to_pil(recon),
             error=error_heatmap(recon[0], x[0]),
-            code_map=code_map_image(codes[0], pair.vqvae.num_codes, x.shape[-1]),
+            code_map=code_map_image(codes[0], stack.vqvae.num_codes, x.shape[-1]),
             psnr=float(metrics.psnr(recon, x)[0]),
             ssim=float(metrics.ssim(recon, x)[0]),
             codes=codes[0].cpu(),
         )
-        if pair.decoder is not None:
-            rendered = pair.decoder.decode_codes(codes)
+        if stack.decoder is not None:
+            rendered = stack.decoder.decode_codes(codes)
             out.rendered = to_pil(rendered)
             out.rendered_psnr = float(metrics.psnr(rendered, x)[0])
             out.rendered_ssim = float(metrics.ssim(rendered, x)[0])
         return out
 
-    def codebook_usage(self, latent: int | str) -> tuple[go.Figure, dict]:
+    def codebook_usage(self, latent: int) -> tuple[go.Figure, dict]:
         """Sorted usage histogram over the training images and its summary numbers."""
-        pair = self.pair(latent)
-        if pair.usage is None:
-            raise StudioError(f"{pair.vqvae_dir} has no codebook_usage.json")
-        counts = torch.tensor(pair.usage)
+        stack = self.stack(latent)
+        if stack.usage is None:
+            raise StudioError(f"{stack.vqvae_dir} has no codebook_usage.json")
+        counts = torch.tensor(stack.usage)
         stats = {
-            "codes": pair.vqvae.num_codes,
+            "codes": stack.vqvae.num_codes,
             "used": metrics.codes_used(counts),
             "dead": metrics.dead_code_count(counts),
             "perplexity": round(metrics.perplexity(counts), 1),
@@ -246,32 +236,32 @@ class Studio:
             f"Codebook usage ({latent}x{latent} grid): {stats['used']}/{stats['codes']} codes used, "
             f"perplexity {stats['perplexity']}"
         )
-        return codebook_usage_figure(pair.usage, title), stats
+        return codebook_usage_figure(stack.usage, title), stats
 
     @torch.no_grad()
-    def code_patch(self, latent: int | str, code: int, tiles: int = 8) -> Image.Image:
+    def code_patch(self, latent: int, code: int, tiles: int = 8) -> Image.Image:
         """What one code looks like: a small grid filled with it, decoded."""
-        pair = self.pair(latent)
-        if not 0 <= int(code) < pair.vqvae.num_codes:
-            raise StudioError(f"Code must be between 0 and {pair.vqvae.num_codes - 1}.")
+        stack = self.stack(latent)
+        if not 0 <= int(code) < stack.vqvae.num_codes:
+            raise StudioError(f"Code must be between 0 and {stack.vqvae.num_codes - 1}.")
         grid = torch.full((1, tiles, tiles), int(code), dtype=torch.long, device=self.device)
-        return to_pil(pair.vqvae.decode_codes(grid)).resize((256, 256), Image.NEAREST)
+        return to_pil(stack.vqvae.decode_codes(grid)).resize((256, 256), Image.NEAREST)
 
     @torch.no_grad()
-    def codebook_atlas(self, latent: int | str, tile: int = 4) -> Image.Image:
+    def codebook_atlas(self, latent: int, tile: int = 4) -> Image.Image:
         """Every code decoded as a tile-by-tile patch, laid out in code order (made once per size)."""
         key = (int(latent), tile)
         if key not in self._atlases:
             self._atlases[key] = self._make_atlas(latent, tile)
         return self._atlases[key]
 
-    def _make_atlas(self, latent: int | str, tile: int) -> Image.Image:
-        pair = self.pair(latent)
-        k = pair.vqvae.num_codes
+    def _make_atlas(self, latent: int, tile: int) -> Image.Image:
+        stack = self.stack(latent)
+        k = stack.vqvae.num_codes
         side = int(np.ceil(np.sqrt(k)))
         codes = torch.arange(k, device=self.device)
         grids = codes[:, None, None].expand(k, tile, tile)
-        patches = pair.vqvae.decode_codes(grids, chunk=64)
+        patches = stack.vqvae.decode_codes(grids, chunk=64)
         ph = patches.shape[-1]
         canvas = torch.ones(3, side * ph, side * ph)
         for i in range(k):
@@ -284,23 +274,23 @@ class Studio:
         """Code grids of the data folder's images (encoded once per latent size), [N, h, w]."""
         with self._lock:
             if latent not in self._data_codes:
-                pair = self._pairs[latent]
-                transform = eval_transform(pair.vqvae.image_size)
+                stack = self._stacks[latent]
+                transform = eval_transform(stack.vqvae.image_size)
                 grids = []
                 for path in self.data_files:
                     try:
                         x = transform(load_image(path)).unsqueeze(0).to(self.device)
                     except ImageLoadError:
                         continue
-                    grids.append(pair.vqvae.encode(x)[0].cpu())
+                    grids.append(stack.vqvae.encode(x)[0].cpu())
                 self._data_codes[latent] = torch.stack(grids) if grids else torch.empty(0, latent, latent)
             return self._data_codes[latent]
 
-    def code_occurrences(self, latent: int | str, code: int, top: int = 4) -> list[tuple[Image.Image, str]]:
+    def code_occurrences(self, latent: int, code: int, top: int = 4) -> list[tuple[Image.Image, str]]:
         """The data-folder images where a code occurs most, the code's positions outlined in magenta."""
         if not self.data_files:
             return []
-        pair = self.pair(latent)
+        stack = self.stack(latent)
         code = int(code)
         grids = self._codes_of_data(int(latent))
         if len(grids) == 0:
@@ -310,7 +300,7 @@ class Studio:
         for i in counts.argsort(descending=True)[:top].tolist():
             if counts[i] == 0:
                 break
-            img = eval_transform(pair.vqvae.image_size)(load_image(self.data_files[i]))
+            img = eval_transform(stack.vqvae.image_size)(load_image(self.data_files[i]))
             where = (grids[i] == code).float()[None, None]
             where = F.interpolate(where, size=img.shape[-2:], mode="nearest")[0, 0] > 0
             edge = where & ~(F.max_pool2d(-where.float()[None, None], 3, 1, 1)[0, 0] < 0)
@@ -323,8 +313,8 @@ class Studio:
         typical distance of one of them to its nearest other one (leave-one-out)."""
         with self._index_lock:
             if self._neighbours is None:
-                # The cheapest encoder; see lesionstudio.features.
-                extractor = EncoderFeatures(self.pair(min(self.latents)).vqvae)
+                # The cheapest encoder; see lesionstudio.measure.features.
+                extractor = EncoderFeatures(self.stack(min(self.latents)).vqvae)
                 train = cached(self.data_files, extractor, desc="data-folder features")
                 k = min(REFERENCE_IMAGES, len(train.files))
                 probe = compute(train.files[:k], extractor, all_orientations=True, desc="reference")
@@ -348,39 +338,30 @@ class Studio:
         out = []
         for i, (j, d) in enumerate(zip(found.index.tolist(), found.distance.tolist(), strict=True)):
             ratio = d / index.typical if index.typical > 0 else float("nan")
-            note = " (possible copy)" if ratio < DEFAULT_THRESHOLD else ""
+            note = " copy?" if ratio < DEFAULT_THRESHOLD else ""
             thumb = to_pil(to_thumb(load_image(index.files[j])))
-            # Ratio first: the gallery cuts long captions short.
-            out.append((thumb, f"sample {i + 1}: distance ratio {ratio:.2f}{note}, {index.files[j].name}"))
+            # Short, the ratio first: a gallery shows one line of caption (its label says what the ratio is).
+            out.append((thumb, f"{i + 1}: {ratio:.2f}{note}, {index.files[j].name}"))
         return out
 
-    def class_choices(self, latent: int | str) -> list[str]:
-        prior = self.pair(latent).prior
+    def class_choices(self, latent: int) -> list[str]:
+        prior = self.stack(latent).prior
         return ["any", *(prior.class_names if prior is not None and prior.num_classes else [])]
 
     def generate(
         self,
-        latent: int | str,
+        latent: int,
         n: int = 4,
-        temperature: float = 1.0,
         seed: int | list[int] | None = 0,
-        class_name: str = "any",
         progress: Callable[[float], None] | None = None,
-        detail_temperature: float | None = None,
-        candidates: int = 1,
-        guidance: float = 1.0,
-        layouts: int = 1,
+        settings: GenerationSettings | None = None,
+        **changes: object,
     ) -> list[Image.Image]:
-        """n samples; ``temperature`` is the coarsest level's (the layout), ``detail_temperature``
-        every finer level's (default: the same); ``candidates`` > 1 keeps the best-scored of that
-        many per sample (the stack's realism critic), ``layouts`` > 1 draws each candidate's layout
-        as the best of that many (the critic's layout head), and ``guidance`` sets how closely the
-        finer levels follow the layout (1: as trained). Sample i is drawn with its own seed
-        (``seed + i``, or the i-th of a list), so it is the image that seed gives alone."""
-        settings = self.generation_settings(
-            latent, temperature, class_name, detail_temperature, candidates, guidance, layouts
-        )
-        return self.draw(settings, self.sample_seeds(n, seed), progress)
+        """n samples drawn with ``settings`` (default: ``GenerationSettings()``), with any of its
+        fields changed by keyword (``temperature=0.8``, ``candidates=2``, ...). Sample i is drawn
+        with its own seed (``seed + i``, or the i-th of a list), so it is the image that seed
+        gives alone."""
+        return self.draw(self.request(latent, settings, **changes), self.sample_seeds(n, seed), progress)
 
     @staticmethod
     def sample_seeds(n: int, seed: int | list[int] | None) -> list[int]:
@@ -391,109 +372,63 @@ class Studio:
             raise StudioError(f"Give one seed or {int(n)} seeds, not {len(seed)}.")
         return per_sample_seeds(seed, int(n))
 
-    def generation_settings(
-        self,
-        latent: int | str,
-        temperature: float = 1.0,
-        class_name: str = "any",
-        detail_temperature: float | None = None,
-        candidates: int = 1,
-        guidance: float = 1.0,
-        layouts: int = 1,
-    ) -> GenerationSettings:
-        """Checked settings of a generation request (a StudioError names what is wrong)."""
-        pair = self.pair(latent)
-        prior = pair.prior
-        if prior is None:
-            raise StudioError(f"No prior is installed for the {latent}x{latent} grid; generation needs one.")
-        class_name = class_name or "any"
+    def request(self, latent: int, settings: GenerationSettings | None = None, **changes: object) -> GenerationRequest:
+        """A checked generation request (a StudioError names what is wrong)."""
+        stack = self.stack(latent)
         try:
-            prior.class_label(class_name)
-        except ClassNameError as exc:
-            raise StudioError(f"Unknown class {class_name!r}; choose one of {self.class_choices(latent)}.") from exc
-        candidates = int(candidates)
-        if not 1 <= candidates <= MAX_CANDIDATES:
-            raise StudioError(f"Candidates per sample must be between 1 and {MAX_CANDIDATES}.")
-        if candidates > 1 and pair.critic is None:
-            raise StudioError(f"Ranking candidates needs a realism critic (critic/) in {self.source}.")
-        if not 0.0 <= float(guidance) <= MAX_GUIDANCE:
-            raise StudioError(f"Layout guidance must be between 0 and {MAX_GUIDANCE:g}.")
-        layouts = int(layouts)
-        if not 1 <= layouts <= MAX_LAYOUTS:
-            raise StudioError(f"Layouts per candidate must be between 1 and {MAX_LAYOUTS}.")
-        if layouts > 1 and (pair.critic is None or pair.critic.layout_grid != pair.levels[0].latent):
-            raise StudioError(
-                f"Choosing layouts needs a critic with a layout head for the {pair.levels[0].latent}x"
-                f"{pair.levels[0].latent} grid (critic/) in {self.source}."
-            )
-        detail = temperature if detail_temperature is None else detail_temperature
-        return GenerationSettings(
-            int(latent), float(temperature), float(detail), class_name, candidates, float(guidance), layouts
-        )
+            settings = replace(settings or GenerationSettings(), **changes)
+            return GenerationRequest(stack.latent, settings.resolved(stack))
+        except GenerationError as exc:
+            raise StudioError(str(exc)) from exc
+        except TypeError as exc:  # a keyword that is no setting
+            raise StudioError(f"Unknown generation setting: {exc}") from exc
 
     @torch.no_grad()
     def draw(
-        self, settings: GenerationSettings, seeds: list[int], progress: Callable[[float], None] | None = None
+        self, request: GenerationRequest, seeds: list[int], progress: Callable[[float], None] | None = None
     ) -> list[Image.Image]:
         """One sample per seed, in one batch (no limit on its size: the caller sets it)."""
-        pair = self.pair(settings.latent)
-        prior = pair.prior
-        labels = prior.class_label(settings.class_name)
-        temps = (settings.temperature, settings.detail_temperature)
-        guidance = settings.guidance
-        if settings.candidates > 1 or settings.layouts > 1:
-            drawn = sample_ranked(
-                pair,
-                len(seeds),
-                settings.candidates,
-                temps,
-                seeds,
-                labels,
-                progress,
-                guidance=guidance,
-                layouts=settings.layouts,
-            )
-        else:
-            drawn = sample_stack(pair, len(seeds), temps, seeds, labels, progress, guidance=guidance)
-        return [to_pil(img) for img in pair.render(drawn.codes)]
+        stack = self.stack(request.latent)
+        drawn = draw_samples(stack, request.settings, seeds, progress)
+        return [to_pil(img) for img in stack.render(drawn.codes)]
 
     @torch.no_grad()
     def inpaint(
         self,
         image: str | Path | Image.Image | None,
         mask: Image.Image | np.ndarray | Sequence[np.ndarray] | None,
-        latent: int | str,
+        latent: int,
         n: int = 3,
         temperature: float = 1.0,
         seed: int | None = 0,
         progress: Callable[[float], None] | None = None,
     ) -> Inpainting:
         """Resample the codes under the painted mask (a mask or a list of painted layers)."""
-        pair = self.pair(latent)
-        if pair.prior is None:
+        stack = self.stack(latent)
+        if stack.prior is None:
             raise StudioError(f"No prior is installed for the {latent}x{latent} grid; inpainting needs one.")
         n = int(n)
         if not 1 <= n <= MAX_SAMPLES:
             raise StudioError(f"Number of variants must be between 1 and {MAX_SAMPLES}.")
-        x = self._tensor(open_upload(image), pair)
-        codes = pair.vqvae.encode(x)[0]
+        x = self._tensor(open_upload(image), stack)
+        codes = stack.vqvae.encode(x)[0]
         # A hierarchical stack redraws the coarser grids' codes under the mask first.
-        levels = [c[0] for c in pair.encode(x)]
+        levels = [c[0] for c in stack.encode(x)]
         code_mask = mask_to_codes(mask, codes.shape[-1])
         if not bool(code_mask.any()):
             raise StudioError("Paint over the region to change first (the mask is empty).")
         out = inpaint_stack(
-            pair, levels, code_mask.to(codes.device), n=n, temperature=float(temperature), seed=seed, progress=progress
+            stack, levels, code_mask.to(codes.device), n=n, temperature=float(temperature), seed=seed, progress=progress
         )
-        images = [to_pil(img) for img in pair.render(out)]
-        original = to_pil(pair.render(codes[None]))
+        images = [to_pil(img) for img in stack.render(out)]
+        original = to_pil(stack.render(codes[None]))
         return Inpainting(original, images, codes.cpu(), code_mask, list(out.cpu()))
 
     def quiz_trials(self, n: int, seed: int) -> list[Trial]:
-        """A reader study's seeded order of real (from the data folder) and synthetic images."""
-        if not self.data_files:
-            raise StudioError("The reader study needs real images: start the app with --data REAL_DIR.")
-        return plan_trials(self.data_files, int(n), int(seed))
+        """A reader study's seeded order of real (from the reader folder) and synthetic images."""
+        if not self.reader_files:
+            raise StudioError("The reader study needs real images: start the app with --reader-images REAL_DIR.")
+        return plan_trials(self.reader_files, int(n), int(seed))
 
     def quiz_real_image(self, trial: Trial) -> Image.Image:
         """A real trial's image through the models' input transform (the size a sample has)."""
@@ -501,28 +436,21 @@ class Studio:
             image = load_image(trial.real_path)
         except ImageLoadError as exc:
             raise StudioError(f"Cannot show {Path(trial.real_path).name}: {exc}") from exc
-        return to_pil(self._tensor(image, self.pair(self.default_latent))[0])
+        return to_pil(self._tensor(image, self.stack(self.default_latent))[0])
 
     def quiz_synthetic_images(
         self, trials: list[Trial], progress: Callable[[float], None] | None = None
     ) -> dict[int, Image.Image]:
         """The synthetic trials' images, by trial index: default samples of each trial's seed,
         drawn in batches (per-sample seeds, so each is the image it would be alone)."""
-        candidates = DEFAULT_CANDIDATES if self.has_critic else 1
-        layouts = self.default_layouts(self.default_latent)
         drawn: dict[int, Image.Image] = {}
         for start in range(0, len(trials), MAX_SAMPLES):
             batch = trials[start : start + MAX_SAMPLES]
             images = self.generate(
                 self.default_latent,
                 len(batch),
-                DEFAULT_TEMPERATURE,
                 [t.seed for t in batch],
                 progress=_part(progress, start / len(trials), len(batch) / len(trials)),
-                detail_temperature=DEFAULT_DETAIL_TEMPERATURE,
-                candidates=candidates,
-                guidance=DEFAULT_GUIDANCE,
-                layouts=layouts,
             )
             drawn |= {t.index: img for t, img in zip(batch, images, strict=True)}
         return drawn

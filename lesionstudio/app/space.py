@@ -13,7 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import SpaceCard, SpaceCardData
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 HUB_REPO_VAR = "LESIONSTUDIO_HUB_REPO"
 MAX_SHORT_DESCRIPTION = 60  # the Hub refuses a longer one
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .pixelcnn import GatedPixelCNN
+from ..models.pixelcnn import GatedPixelCNN
 
 
 @torch.no_grad()

@@ -22,15 +22,15 @@ import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-from .codedecoder import CodeDecoder
-from .critic import RealismCritic
-from .hubmodel import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
-from .pixelcnn import GatedPixelCNN
+from ..models.codedecoder import CodeDecoder
+from ..models.critic import RealismCritic
+from ..models.hubmodel import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+from ..models.pixelcnn import GatedPixelCNN
+from ..models.vqvae import VQVAE
 from .stack import ModelStack
-from .vqvae import VQVAE
 
 ENV_VAR = "LESIONSTUDIO_CHECKPOINTS"
-BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints"
+BUNDLED = Path(__file__).resolve().parents[2] / "checkpoints"
 LATENTS = (16, 32, 64, 128)  # code-grid sides for a 256 px image
 USAGE_NAME = "codebook_usage.json"
 CRITIC_NAME = "critic"  # the realism critic's folder in a checkpoints source

@@ -7,8 +7,9 @@ drawn with its own seed, every request still gets exactly its own images.
 
 The worker is a process of its own, forked from the app once the default models are loaded (so
 it shares their memory): the sampler's per-code loop is Python, and in the app's process it would
-hold the interpreter lock that Gradio and every other request need. Jobs reach it as a Studio
-method's name and arguments over a pipe; progress, results and errors come back the same way.
+hold the interpreter lock that Gradio and every other request need. Jobs reach it as typed tasks
+(``Draw``, ``Inpaint``, ``QuizImages``: what to run on the Studio, and with what) over a pipe;
+progress, results and errors come back the same way.
 It runs on one torch thread: the per-code products gain nothing from more, and a process forked
 after OpenMP has run must not start more threads (libgomp hangs). Where fork is unavailable
 (macOS, Windows) the worker is a thread of the app's process instead, with the same queue.
@@ -33,12 +34,14 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .studio import GenerationSettings, Studio, StudioError
+from .readerstudy import Trial
+from .studio import GenerationRequest, Inpainting, Studio, StudioError
 
 Progress = Callable[[float, str], None]
 # Samples x candidates drawn in one merged batch: larger batches save little time per sample and
@@ -84,13 +87,51 @@ class Generated:
     timing: Timing
 
 
+class Task(Protocol):
+    """A job for the sampler worker: what it runs on the Studio (it must pickle: it crosses a pipe)."""
+
+    def run(self, studio: Studio, progress: Callable[[float], None]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Generation: one image per seed (several waiting requests' seeds, merged)."""
+
+    request: GenerationRequest
+    seeds: list[int]
+
+    def run(self, studio: Studio, progress: Callable[[float], None]) -> list[Image.Image]:
+        return studio.draw(self.request, self.seeds, progress)
+
+
+@dataclass(frozen=True)
+class Inpaint:
+    """The Inpaint tab's request."""
+
+    image: str | Path | Image.Image | None
+    mask: Image.Image | np.ndarray | list[np.ndarray] | None  # a mask, or the painted layers
+    latent: int
+    n: int
+    temperature: float
+    seed: int
+
+    def run(self, studio: Studio, progress: Callable[[float], None]) -> Inpainting:
+        return studio.inpaint(self.image, self.mask, self.latent, self.n, self.temperature, self.seed, progress)
+
+
+@dataclass(frozen=True)
+class QuizImages:
+    """The reader study's synthetic images, drawn when it starts."""
+
+    trials: list[Trial]
+
+    def run(self, studio: Studio, progress: Callable[[float], None]) -> dict[int, Image.Image]:
+        return studio.quiz_synthetic_images(self.trials, progress)
+
+
 @dataclass
 class _Job:
-    method: str  # the Studio method the worker runs
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    settings: GenerationSettings | None = None  # a generation request (mergeable with others)
-    seeds: list[int] = field(default_factory=list)
+    task: Task
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
     started: bool = False
@@ -98,18 +139,18 @@ class _Job:
     timing: Timing = field(default_factory=Timing)
 
     @property
+    def request(self) -> GenerationRequest | None:
+        """The generation request, for a job that can be merged with others; None for the rest."""
+        return self.task.request if isinstance(self.task, Draw) else None
+
+    @property
     def draws(self) -> int:
-        return len(self.seeds) * (self.settings.candidates if self.settings else 1)
+        if not isinstance(self.task, Draw):
+            return 1
+        return len(self.task.seeds) * self.task.request.draws_per_sample
 
 
-# What passes over the pipe: a task one way; progress, then a result or an error, the other.
-@dataclass
-class _Task:
-    method: str
-    args: tuple
-    kwargs: dict
-
-
+# What passes over the pipe: a Task one way; progress, then a result or an error, the other.
 @dataclass
 class _Progress:
     fraction: float
@@ -149,15 +190,14 @@ class SamplerWorker:
         """The process the sampler runs in (this one when it is a thread)."""
         return self._child.pid if isinstance(self._child, BaseProcess) and self._child.pid else os.getpid()
 
-    def generate(self, settings: GenerationSettings, seeds: list[int], progress: Progress | None = None) -> Generated:
+    def generate(self, request: GenerationRequest, seeds: list[int], progress: Progress | None = None) -> Generated:
         """One image per seed, drawn by the worker (perhaps in a batch with other requests)."""
-        job = _Job("draw", settings=settings, seeds=list(seeds))
+        job = _Job(Draw(request, list(seeds)))
         return Generated(self._submit(job, progress), job.timing)
 
-    def call(self, method: str, *args: Any, progress: Progress | None = None, **kwargs: Any) -> Any:
-        """``studio.<method>(*args, progress=..., **kwargs)`` on the worker, after the jobs already
-        queued (arguments and result must pickle)."""
-        return self._submit(_Job(method, args, kwargs), progress)
+    def run(self, task: Task, progress: Progress | None = None) -> Any:
+        """``task.run(studio)`` on the worker, after the jobs already queued (result must pickle)."""
+        return self._submit(_Job(task), progress)
 
     def waiting(self) -> int:
         return self._queue.qsize() + len(self._held)
@@ -208,7 +248,7 @@ class SamplerWorker:
     def _next_batch(self) -> list[_Job]:
         """The oldest job, with the queued generation requests that share its settings."""
         first = self._held.pop(0) if self._held else self._queue.get()
-        if first.settings is None:
+        if first.request is None:
             return [first]
         while True:  # everything queued now: merge what fits, keep the rest in arrival order
             try:
@@ -218,7 +258,7 @@ class SamplerWorker:
         batch, draws, rest = [first], first.draws, []
         for job in self._held:
             fits = draws + job.draws <= self.max_batch_draws
-            if job.settings == first.settings and fits and not _overtakes(rest):
+            if job.request == first.request and fits and not _overtakes(rest):
                 batch.append(job)
                 draws += job.draws
             else:
@@ -229,18 +269,18 @@ class SamplerWorker:
     def _run(self, jobs: list[_Job]) -> tuple[list[Any], float]:
         """Each job's result (a merged draw split back by request) and the worker's CPU seconds."""
         first = jobs[0]
-        if first.settings is None:
-            done = self._ask(_Task(first.method, first.args, first.kwargs), jobs)
+        if first.request is None:
+            done = self._ask(first.task, jobs)
             return [done.result], done.cpu
-        seeds = [s for job in jobs for s in job.seeds]
-        done = self._ask(_Task(first.method, (first.settings, seeds), {}), jobs)
+        seeds = [s for job in jobs for s in job.task.seeds]
+        done = self._ask(Draw(first.request, seeds), jobs)
         out, start = [], 0
         for job in jobs:
-            out.append(done.result[start : start + len(job.seeds)])
-            start += len(job.seeds)
+            out.append(done.result[start : start + len(job.task.seeds)])
+            start += len(job.task.seeds)
         return out, done.cpu
 
-    def _ask(self, task: _Task, jobs: list[_Job]) -> _Done:
+    def _ask(self, task: Task, jobs: list[_Job]) -> _Done:
         """Send the worker a task and relay its progress to the jobs until it answers."""
         if isinstance(self._child, BaseProcess) and not self._child.is_alive():
             self._restart()  # it died between jobs: nobody was waiting on it
@@ -287,12 +327,12 @@ def _serve(conn: Connection, studio: Studio, clock: Callable[[], float]) -> None
     """The worker's side: run each task it is sent, reporting progress, until the pipe closes."""
     while True:
         try:
-            task: _Task = conn.recv()
+            task: Task = conn.recv()
         except (EOFError, OSError):
             return
         cpu = clock()
         try:
-            result = getattr(studio, task.method)(*task.args, progress=_reporter(conn), **task.kwargs)
+            result = task.run(studio, _reporter(conn))
             reply: _Done | _Failed = _Done(result, clock() - cpu)
         except Exception as exc:  # the caller raises it
             reply = _Failed(_travelling(exc))
@@ -334,7 +374,7 @@ def _reporter(conn: Connection, every: float = 0.1) -> Callable[[float], None]:
 
 def _overtakes(rest: list[_Job]) -> bool:
     """A plain job (inpaint, reader study) left waiting is not overtaken by later generations."""
-    return any(job.settings is None for job in rest)
+    return any(job.request is None for job in rest)
 
 
 class TimingLog:

@@ -16,7 +16,7 @@ The two compute the same sums in a different order, so they agree to rounding (e
 practice; in float64 the tests check it on many grids).
 
 A hierarchical prior (conditioned on a coarser grid of the same image) takes that grid as
-``coarse=`` in both; drawing the levels in turn is ``lesionstudio.stack``'s job.
+``coarse=`` in both; drawing the levels in turn is ``lesionstudio.sampling.stack``'s job.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .pixelcnn import GatedLayer, GatedPixelCNN, gate
+from ..models.pixelcnn import GatedLayer, GatedPixelCNN, gate
 
 Progress = Callable[[float], None]
 LabelsArg = int | Sequence[int] | torch.Tensor | None
@@ -153,7 +153,7 @@ def inpaint(
     labels: LabelsArg = None,
     n: int = 1,
     top_k: int | None = None,
-    candidates: int = 4,
+    fills: int = 4,
     method: str = "incremental",
     progress: Progress | None = None,
     coarse: torch.Tensor | None = None,
@@ -164,7 +164,7 @@ def inpaint(
     codes and mask are [h, w] or [B, h, w]; the result is [B * n, h, w] (variants of one input
     are adjacent). Masked codes are drawn in raster order, each conditioned on all the codes
     before it. A causal prior cannot see the fixed codes after the hole, so each variant is
-    the best of ``candidates`` fills, ranked by the prior's likelihood of the fixed codes that
+    the best of ``fills`` fills, ranked by the prior's likelihood of the fixed codes that
     follow the hole (how well the fill leads into what is kept). A hierarchical prior needs
     ``coarse`` ([hc, wc] or [B, hc, wc]), or [B * n, hc, wc] for a different one per variant,
     and draws with its features scaled by ``guidance``.
@@ -173,8 +173,8 @@ def inpaint(
         codes, mask = codes[None], mask[None]
     if codes.shape != mask.shape or codes.ndim != 3:
         raise ValueError(f"codes and mask must have the same shape [B, h, w]; got {codes.shape}, {mask.shape}")
-    if n < 1 or candidates < 1:
-        raise ValueError("n and candidates must be at least 1")
+    if n < 1 or fills < 1:
+        raise ValueError("n and fills must be at least 1")
     device = prior.embedding.weight.device
     codes = codes.to(device).long()
     prior.check_codes(codes)
@@ -188,8 +188,8 @@ def inpaint(
     coarse = _coarse_on_device(prior, (b * n, *codes.shape[1:]), coarse)
     gen = make_generator(seed)
     lab = resolve_labels(prior, b * n, labels if labels is None else per_variant(labels, b, n), gen)
-    m = candidates
-    rep = n * m  # candidates of one variant adjacent, variants of one input adjacent
+    m = fills
+    rep = n * m  # fills of one variant adjacent, variants of one input adjacent
     grid = codes.repeat_interleave(rep, dim=0)
     msk = mask.repeat_interleave(rep, dim=0)
     lab_all = None if lab is None else lab.repeat_interleave(m)

@@ -5,7 +5,7 @@ downscaled to ``view_size`` px (where the lesion is, its size, border and the vi
 *texture* sees ``view_size`` px crops at full resolution (pigment network, skin, speckle). A
 branch judges an image by the mean logit of several views: the 8 flips and right-angle turns of
 the whole image, a grid of crops. The critic serves twice: as the
-classifier of the two-sample test (``lesionstudio.twosample``, a fresh one per comparison) and,
+classifier of the two-sample test (``lesionstudio.measure.twosample``, a fresh one per comparison) and,
 trained on real training images against a stack's own samples (``python -m train.critic``), as
 the shipped scorer that ranks candidate samples (VQ-VAE-2's classifier-based rejection).
 """
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import dihedral_variant
+from ..data import dihedral_variant
+from ..measure.lesionshape import FEATURE_NAMES, shape_features
 from .hubmodel import WEIGHTS_LICENSE, HubModel, check_int
-from .lesionshape import FEATURE_NAMES, shape_features
 
 
 class HighPass(nn.Module):
@@ -68,7 +68,7 @@ class Judgement:
 
 
 class ShapeHead(nn.Module):
-    """Quadratic logistic regression on the lesion-shape features (``lesionstudio.lesionshape``):
+    """Quadratic logistic regression on the lesion-shape features (``lesionstudio.measure.lesionshape``):
     the log-odds that a layout is real. Quadratic, as real values of a feature often lie in a
     middle band (lesion area, border sharpness); features are clipped at 3 standard deviations so
     that no odd segmentation yields an extreme score."""

@@ -32,12 +32,12 @@ from torch import nn
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from . import npzcache
-from .codes import state_sha256
-from .data import dihedral_variant, load_image
-from .hubmodel import CheckpointError
-from .loading import LATENTS, load_stack
-from .vqvae import VQVAE
+from .. import npzcache
+from ..codes import state_sha256
+from ..data import dihedral_variant, load_image
+from ..models.hubmodel import CheckpointError
+from ..models.vqvae import VQVAE
+from ..sampling.loading import LATENTS, load_stack
 
 PIXEL_SIZE = 32
 CACHE_ENV = "LESIONSTUDIO_CACHE"
@@ -220,9 +220,9 @@ def feature_model(path: str | None, source: str | None, generated_dir: Path | No
     last: Exception | None = None
     for latent in order:
         try:
-            pair = load_stack(latent, source, require_prior=False)
+            stack = load_stack(latent, source, require_prior=False)
         except (CheckpointError, OSError, ValueError) as exc:  # try the next latent size
             last = exc
             continue
-        return FeatureModel(pair.vqvae, str(pair.vqvae_dir), latent == made_by)
+        return FeatureModel(stack.vqvae, str(stack.vqvae_dir), latent == made_by)
     raise CheckpointError(f"no VQ-VAE found for the features (pass --feature-model DIR): {last}")

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from .critic import FitSettings, RealismCritic, fit
-from .data import ImageLoadError, eval_transform, load_image
+from ..data import ImageLoadError, eval_transform, load_image
+from ..models.critic import FitSettings, RealismCritic, fit
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .codedecoder import CodeDecoder
-from .critic import RealismCritic
-from .data import as_saved
-from .pixelcnn import GatedPixelCNN
-from .sampling import (
+from ..data import as_saved
+from ..models.codedecoder import CodeDecoder
+from ..models.critic import RealismCritic
+from ..models.pixelcnn import GatedPixelCNN
+from ..models.vqvae import VQVAE
+from .grid import (
     LabelsArg,
     Progress,
     SeedArg,
@@ -50,7 +51,6 @@ from .sampling import (
     resolve_labels,
     sample,
 )
-from .vqvae import VQVAE
 
 LEVEL_SEED_OFFSET = 1_000_003  # keeps each level's noise apart from the others'
 CANDIDATE_SEED_OFFSET = 7_919_000_009  # and each candidate's apart from the other candidates'
@@ -71,7 +71,7 @@ class ModelStack:
     usage: list[int] | None = field(default=None, repr=False)
     coarse: ModelStack | None = field(default=None, repr=False)
     critic: RealismCritic | None = field(default=None, repr=False)  # ranks candidate samples
-    # Post-trained on the codes the priors draw (``lesionstudio.codedecoder``); None: the VQ-VAE's own.
+    # Post-trained on the codes the priors draw (``lesionstudio.models.codedecoder``); None: the VQ-VAE's own.
     decoder: CodeDecoder | None = field(default=None, repr=False)
 
     @torch.no_grad()
@@ -174,7 +174,7 @@ def sample_stack(
     layout: torch.Tensor | None = None,
 ) -> StackSample:
     """Draw n code grids at every level, coarsest first, each given the one below (``method``:
-    the sampler, see ``lesionstudio.sampling``; ``guidance``: see the module docstring).
+    the sampler, see ``lesionstudio.sampling.grid``; ``guidance``: see the module docstring).
     ``layout`` [n, h, w]: the coarsest grids, drawn already (``choose_layouts``)."""
     levels = stack.sampling_levels()
     temps = level_temperatures(temperature, len(levels))
@@ -244,6 +244,17 @@ def choose_layouts(
 
 
 @torch.no_grad()
+def judge_codes(stack: ModelStack, codes: torch.Tensor) -> torch.Tensor:
+    """The critic's realism score [B] of finest-level grids [B, h, w]. Judged as saved (the
+    shape head's segmentation can tip on a pixel's last fraction of a level), and as the
+    VQ-VAE's own decoder renders them: what the critic was trained on. So the choice of codes
+    does not depend on which decoder renders the kept ones."""
+    if stack.critic is None:
+        raise ValueError("judging samples needs a realism critic (a critic/ folder beside the checkpoints)")
+    return stack.critic.judge(as_saved(stack.vqvae.decode_codes(codes))).realism
+
+
+@torch.no_grad()
 def sample_ranked(
     stack: ModelStack,
     n: int,
@@ -280,11 +291,7 @@ def sample_ranked(
         layout = choose_layouts(stack, seeds, layouts, first, lab, _split(progress, 0.0, share))
         progress = _split(progress, share, 1.0)
     drawn = sample_stack(stack, n * m, temperature, seeds, lab, progress, guidance=guidance, layout=layout)
-    # Judged as saved (the shape head's segmentation can tip on a pixel's last fraction of a
-    # level), and as the VQ-VAE's own decoder renders them: what the critic was trained on. So
-    # the choice of codes does not depend on which decoder renders the kept ones.
-    images = as_saved(stack.vqvae.decode_codes(drawn.codes))
-    scores = stack.critic.judge(images).realism.view(n, m)
+    scores = judge_codes(stack, drawn.codes).view(n, m)
     keep = torch.arange(n) * m + scores.argmax(1)
     kept_labels = None if drawn.labels is None else drawn.labels[keep.to(drawn.labels.device)]
     return StackSample([g[keep.to(g.device)] for g in drawn.levels], kept_labels, scores.max(1).values)

@@ -9,12 +9,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from ..data import collate_skip_bad
+from ..models.codedecoder import CodeDecoder
+from ..models.pixelcnn import GatedPixelCNN
+from ..models.vqvae import VQVAE
+from ..sampling.stack import ModelStack, stack_bits
 from . import metrics
-from .codedecoder import CodeDecoder
-from .data import collate_skip_bad
-from .pixelcnn import GatedPixelCNN
-from .stack import ModelStack, stack_bits
-from .vqvae import VQVAE
 
 
 def _loader(dataset: Dataset, limit: int | None, batch_size: int) -> DataLoader:
