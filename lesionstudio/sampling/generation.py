@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from .grid import Progress, make_generator, resolve_labels
 from .stack import ModelStack, StackSample, sample_ranked, sample_stack
 
-# The defaults: what measured best within the time limits (docs/realism.md). Candidates and
+# The defaults: what measured best within the time limits (docs/experiments.md). Candidates and
 # layouts need the critic (and its layout head); a stack without one draws 1 and 1.
 DEFAULT_CANDIDATES = 4
 DEFAULT_LAYOUTS = 8
