@@ -310,7 +310,7 @@ class GenerateTab:
 def generate_tab(app: App) -> GenerateTab:
     studio, files, timings, sampler = app.studio, app.files, app.timings, app.sampler
     latents, default_latent = app.latents, app.default_latent
-    defaults = studio.default_settings(int(default_latent))
+    defaults = studio.default_settings(studio.default_latent)
 
     @user_errors
     def generate(

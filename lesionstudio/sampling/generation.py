@@ -47,23 +47,24 @@ class GenerationSettings:
     class_name: str = "any"  # "any": each sample's class drawn by the training frequencies
 
     def __post_init__(self) -> None:
-        _check_range("Temperature", float(self.temperature), 0.0, MAX_TEMPERATURE)
-        if self.detail_temperature is not None:
-            _check_range("Detail temperature", float(self.detail_temperature), 0.0, MAX_TEMPERATURE)
-        _check_range("Layout guidance", float(self.guidance), 0.0, MAX_GUIDANCE)
-        if self.candidates is not None:
-            _check_range("Candidates per sample", int(self.candidates), 1, MAX_CANDIDATES)
-        if self.layouts is not None:
-            _check_range("Layouts per candidate", int(self.layouts), 1, MAX_LAYOUTS)
-        # Stored as plain numbers, so equal requests compare (and batch) as equal.
-        object.__setattr__(self, "temperature", float(self.temperature))
-        if self.detail_temperature is not None:
-            object.__setattr__(self, "detail_temperature", float(self.detail_temperature))
-        object.__setattr__(self, "guidance", float(self.guidance))
-        object.__setattr__(self, "class_name", self.class_name or "any")
-        for name in ("candidates", "layouts"):
+        # Stored as plain numbers (so equal requests compare, and batch, as equal), then checked.
+        def store(name: str, kind: type) -> None:
             if getattr(self, name) is not None:
-                object.__setattr__(self, name, int(getattr(self, name)))
+                object.__setattr__(self, name, kind(getattr(self, name)))
+
+        for name, kind in (("temperature", float), ("detail_temperature", float), ("guidance", float)):
+            store(name, kind)
+        store("candidates", int)
+        store("layouts", int)
+        object.__setattr__(self, "class_name", self.class_name or "any")
+        _check_range("Temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        if self.detail_temperature is not None:
+            _check_range("Detail temperature", self.detail_temperature, 0.0, MAX_TEMPERATURE)
+        _check_range("Layout guidance", self.guidance, 0.0, MAX_GUIDANCE)
+        if self.candidates is not None:
+            _check_range("Candidates per sample", self.candidates, 1, MAX_CANDIDATES)
+        if self.layouts is not None:
+            _check_range("Layouts per candidate", self.layouts, 1, MAX_LAYOUTS)
 
     @property
     def temperatures(self) -> tuple[float, float]:
