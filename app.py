@@ -64,9 +64,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--data-limit", type=int, default=256, help="images of --data scanned (encoded once)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--sampler-processes",
+        type=int,
+        default=None,
+        help="processes that draw samples, each request's seeds shared among them (default: one a core)",
+    )
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     p.add_argument("--timings", type=Path, default=None, help="append each request's timings to this JSON-lines file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.sampler_processes is not None and args.sampler_processes < 1:
+        p.error("--sampler-processes must be at least 1")
+    return args
 
 
 def open_studio(args: argparse.Namespace) -> Studio:
@@ -111,7 +120,13 @@ def main(argv: list[str] | None = None) -> None:
     # sampler process.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(examples_cache(studio)))
-    demo = build(studio, example_images(args.examples), quiz_log=args.quiz_log, timings=TimingLog(args.timings))
+    demo = build(
+        studio,
+        example_images(args.examples),
+        quiz_log=args.quiz_log,
+        timings=TimingLog(args.timings),
+        sampler_processes=args.sampler_processes,
+    )
     demo.launch(
         server_name=args.host,
         server_port=args.port,

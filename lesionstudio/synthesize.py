@@ -2,7 +2,8 @@
 
     python -m lesionstudio.synthesize --n 200 --out synth/ [--latent 64] [--class malignant]
         [--temperature 1.0] [--detail-temperature T] [--candidates M] [--layouts K] [--guidance W]
-        [--seed 0] [--batch-size 8] [--checkpoints DIR | --hub REPO]
+        [--seed 0] [--batch-size 8] [--workers 2] [--checkpoints DIR | --hub REPO]
+    torchrun --nproc-per-node 2 [--nnodes M ...] -m lesionstudio.synthesize --images 200 --out synth/ ...
 
 The generation settings default to the Generate tab's (``lesionstudio.sampling.generation``): with the
 shipped checkpoints, each image the critic's pick of 4 candidates, each candidate's layout the
@@ -20,6 +21,13 @@ which batch it fell in: re-running the same command skips the images that exist 
 interrupted run resumes), ``--n`` can be raised later to extend a set, and the same ``--seed``
 gives the same images. A folder made with other settings or other models is refused rather
 than mixed.
+
+The work can be shared: ``--workers N`` draws N shares at once on this machine, and under
+torchrun each rank draws one (over several machines, ``--out`` must be a folder they all write
+to). Share r of N is the images r, r + N, r + 2N, ...; its rows wait in a file of their own
+(``metadata.partRofN.csv``) until every share is done and they are merged into ``metadata.csv``,
+so the set is the same, file for file, as one process makes. An interrupted sharded run resumes
+with the same command, or with one process.
 """
 
 from __future__ import annotations
@@ -29,11 +37,16 @@ import csv
 import datetime as dt
 import hashlib
 import io
+import multiprocessing
+import os
 import shlex
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from .cli import HelpFormatter
@@ -135,6 +148,54 @@ def read_metadata(path: Path) -> dict[str, dict[str, str]]:
     return {r["file"]: r for r in rows}
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One process's share of a set: images rank, rank + world, rank + 2 world, ... Each image
+    depends on its index alone, so the shares together are the images one process draws."""
+
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world < 1 or not 0 <= self.rank < self.world:
+            raise ValueError(f"a shard's rank must be in [0, world), world at least 1; got {self.rank} of {self.world}")
+
+    def indices(self, n: int) -> range:
+        return range(self.rank, n, self.world)
+
+    @property
+    def metadata(self) -> str:
+        """Where this share's rows go until ``merge_metadata`` folds them into metadata.csv."""
+        return METADATA if self.world == 1 else f"{PART_PREFIX}{self.rank}of{self.world}.csv"
+
+
+PART_PREFIX = "metadata.part"
+
+
+def read_rows(out: Path) -> dict[str, dict[str, str]]:
+    """Every row written in ``out``: metadata.csv's and those of shares not merged yet (an
+    interrupted sharded run), by file name."""
+    rows = read_metadata(out / METADATA)
+    for part in sorted(out.glob(f"{PART_PREFIX}*.csv")):
+        rows.update(read_metadata(part))
+    return rows
+
+
+def merge_metadata(out: str | Path, stack: ModelStack, command: str = "") -> int:
+    """Fold the shares' rows into metadata.csv, remove their files and write the README:
+    after every share of a sharded run is done. Returns the images in the set."""
+    out = Path(out)
+    rows = read_rows(out)
+    if not rows:
+        raise ValueError(f"{out} holds no synthetic images to merge")
+    _write_metadata(out / METADATA, rows)
+    for part in out.glob(f"{PART_PREFIX}*.csv"):
+        part.unlink()
+    record = next(iter(rows.values()))
+    atomic_write(out / "README.md", _readme(record, stack, len(rows), command).encode())
+    return len(rows)
+
+
 def _write_metadata(path: Path, rows: dict[str, dict[str, str]]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS + ["requested_class"], extrasaction="ignore")
@@ -189,30 +250,9 @@ def _coarse_line(settings: dict[str, str]) -> str:
     return lines
 
 
-@torch.no_grad()
-def synthesize(
-    out: str | Path,
-    n: int,
-    stack: ModelStack,
-    settings: GenerationSettings | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    command: str = "",
-    show_progress: bool = True,
-) -> list[dict[str, str]]:
-    """Make images 0..n-1 in `out` that are not there yet, drawn with ``settings`` (default:
-    ``GenerationSettings()``, the Generate tab's); returns all n metadata rows."""
-    prior = stack.prior
-    if prior is None:
-        raise CheckpointError(f"no prior for the {stack.latent}x{stack.latent} grid in {stack.source}")
-    if n < 1 or batch_size < 1:
-        raise ValueError("--n and --batch-size must be at least 1")
-    settings = (settings or GenerationSettings()).resolved(stack)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    record = {
+def record_of(stack: ModelStack, settings: GenerationSettings, seed: int) -> dict[str, str]:
+    """What every row of a set records of how it was made (``settings`` resolved)."""
+    return {
         "latent": str(stack.latent),
         "temperature": repr(settings.temperature),
         "seed": str(seed),
@@ -233,7 +273,11 @@ def synthesize(
         "layouts": str(settings.layouts),
         "decoder_sha256": decoder_sha256(stack),
     }
-    rows = read_metadata(out / METADATA)
+
+
+def check_folder(out: Path, record: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The rows already in ``out``, checked to have been made as ``record`` says (else ValueError)."""
+    rows = read_rows(out)
     for row in rows.values():
         for key in SETTINGS:
             if row.get(key, DEFAULTS.get(key, "")) != record[key]:
@@ -241,23 +285,65 @@ def synthesize(
                     f"{out} holds images made with {key}={row.get(key)!r}, not {record[key]!r}; "
                     "use another --out (or the same settings to resume)"
                 )
-    todo = [i for i in range(n) if file_name(i) not in rows or not (out / file_name(i)).exists()]
-    bar = tqdm(total=n, initial=n - len(todo), desc="synthesizing", unit="img", disable=not show_progress)
+    return rows
+
+
+@torch.no_grad()
+def synthesize(
+    out: str | Path,
+    n: int,
+    stack: ModelStack,
+    settings: GenerationSettings | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    command: str = "",
+    show_progress: bool = True,
+    shard: Shard | None = None,
+) -> list[dict[str, str]]:
+    """Make images 0..n-1 in `out` that are not there yet, drawn with ``settings`` (default:
+    ``GenerationSettings()``, the Generate tab's); returns all n metadata rows. With a
+    ``shard`` of several, only its share, whose rows go to its own file until
+    ``merge_metadata``; returns the share's rows."""
+    prior = stack.prior
+    if prior is None:
+        raise CheckpointError(f"no prior for the {stack.latent}x{stack.latent} grid in {stack.source}")
+    if n < 1 or batch_size < 1:
+        raise ValueError("--n and --batch-size must be at least 1")
+    settings = (settings or GenerationSettings()).resolved(stack)
+    shard = shard or Shard()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    record = record_of(stack, settings, seed)
+    rows = check_folder(out, record)
+    share = shard.indices(n)
+    todo = [i for i in share if file_name(i) not in rows or not (out / file_name(i)).exists()]
+    mine = {f: r for f, r in rows.items() if int(r["index"]) in share}
+    desc = "synthesizing" if shard.world == 1 else f"synthesizing {shard.rank + 1}/{shard.world}"
+    bar = tqdm(
+        total=len(share),
+        initial=len(share) - len(todo),
+        desc=desc,
+        unit="img",
+        position=shard.rank,
+        disable=not show_progress,
+    )
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         seeds = [image_seed(seed, i) for i in batch]
         drawn = draw_samples(stack, settings, seeds)
-        labels = drawn.labels
-        scores = drawn.scores
-        if scores is None and stack.critic is not None:
-            scores = judge_codes(stack, drawn.codes)
+        if drawn.scores is None and stack.critic is not None:
+            judged = judge_codes(stack, drawn.codes)
+            drawn = replace(drawn, scores=judged.realism, judged=judged.images)
+        labels, scores = drawn.labels, drawn.scores
         bits = stack_nll_bits(stack, drawn.levels, labels).cpu()
-        images = stack.render(drawn.codes).cpu()
+        images = stack.images(drawn).cpu()
         for j, i in enumerate(batch):
             png = io.BytesIO()
             to_pil(images[j]).save(png, format="PNG")
             atomic_write(out / file_name(i), png.getvalue())
-            rows[file_name(i)] = {
+            mine[file_name(i)] = {
                 **record,
                 "file": file_name(i),
                 "class": prior.class_names[int(labels[j])] if labels is not None else "",
@@ -266,11 +352,97 @@ def synthesize(
                 "bits_per_code": f"{float(bits[j]):.4f}",
                 "realism_score": "" if scores is None else f"{float(scores[j]):.4f}",
             }
-        _write_metadata(out / METADATA, rows)  # after the PNGs: a row always has its image
+        # After the PNGs: a row always has its image.
+        _write_metadata(out / shard.metadata, mine if shard.world > 1 else {**rows, **mine})
         bar.update(len(batch))
     bar.close()
-    atomic_write(out / "README.md", _readme(record, stack, len(rows), command).encode())
+    if shard.world > 1:
+        return [mine[file_name(i)] for i in share]
+    merge_metadata(out, stack, command)  # also folds in the rows of an earlier sharded run's shares
+    rows = read_metadata(out / METADATA)
     return [rows[file_name(i)] for i in range(n)]
+
+
+@dataclass(frozen=True)
+class ShareJob:
+    """What a worker process needs to draw its share (it loads the models itself)."""
+
+    out: Path
+    n: int
+    latent: int
+    source: str | None
+    device: str
+    settings: GenerationSettings
+    seed: int
+    batch_size: int
+    threads: int
+
+
+def draw_share(job: ShareJob, shard: Shard) -> int:
+    """A worker's share of ``--workers``: the images it drew. Every thread pool in it (torch's,
+    OpenMP's, NumPy's BLAS) is held to its share of the cores, as torchrun's OMP_NUM_THREADS does."""
+    with threadpool_limits(job.threads):
+        torch.set_num_threads(job.threads)
+        stack = load_stack(job.latent, job.source, device=job.device)
+        return len(synthesize(job.out, job.n, stack, job.settings, job.seed, job.batch_size, shard=shard))
+
+
+def run_workers(job: ShareJob, workers: int) -> None:
+    """Every share of the set at once, one process each (spawned: each loads its own models)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(draw_share, job, Shard(rank, workers)) for rank in range(workers)]
+        for future in futures:
+            future.result()  # the first share's error, if any, is raised here
+
+
+def torchrun_shard() -> Shard | None:
+    """This process's share under torchrun (RANK and WORLD_SIZE set, world above 1), else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Shard(int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
+def run_torchrun(job: ShareJob, shard: Shard, command: str) -> None:
+    """This rank's share; then, once every rank is done, rank 0 merges the metadata. The
+    output folder must be one every machine writes to (a shared file system)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        stack = load_stack(job.latent, job.source, device=job.device)
+        synthesize(job.out, job.n, stack, job.settings, job.seed, job.batch_size, command, shard.rank == 0, shard)
+        dist.barrier()
+        if shard.rank == 0:
+            merge_metadata(job.out, stack, command)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, command: str) -> list[dict[str, str]]:
+    """The command's set: drawn by this process, by ``--workers`` processes, or by this
+    torchrun rank and the others; its n rows once complete."""
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    settings = settings_from_args(args)
+    source = args.hub or args.checkpoints
+    shard = torchrun_shard()
+    if shard is not None and args.workers > 1:
+        raise ValueError("under torchrun each rank is one worker: use --nproc-per-node, not --workers")
+    threads = max(1, torch.get_num_threads() // args.workers)
+    job = ShareJob(args.out, args.n, args.latent, source, args.device, settings, args.seed, args.batch_size, threads)
+    if shard is None and args.workers == 1:
+        stack = load_stack(args.latent, source, device=args.device)
+        return synthesize(args.out, args.n, stack, settings, args.seed, args.batch_size, command=command)
+    if shard is not None:
+        run_torchrun(job, shard, command)
+    else:
+        # Checked here first: a folder made with other settings is refused before any worker starts.
+        stack = load_stack(args.latent, source, device=args.device)
+        check_folder(args.out, record_of(stack, settings.resolved(stack), args.seed))
+        run_workers(job, args.workers)
+        merge_metadata(args.out, stack, command)
+    rows = read_metadata(args.out / METADATA)
+    return [rows[file_name(i)] for i in range(args.n)] if rows else []
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,7 +451,8 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--n", type=int, required=True, help="number of images")
+    # --images too: torchrun's own parser takes "--n" for an abbreviation of its options.
+    p.add_argument("--n", "--images", dest="n", type=int, required=True, help="number of images")
     p.add_argument("--out", type=Path, required=True, help="output folder (re-run to resume)")
     p.add_argument("--latent", type=int, choices=LATENTS, default=64, help="code grid side")
     p.add_argument("--seed", type=int, default=0, help="the run's seed (each image's is derived from it)")
@@ -292,14 +465,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     src.add_argument("--hub", default=None, help="Hugging Face Hub repo id holding vqvae-N/ and pixelcnn-N/")
     p.add_argument("--device", default="cpu", help="where the models run (cpu, cuda, ...)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes drawing shares of the set at once, on this machine (under torchrun: one a rank)",
+    )
     add_generation_args(p)
     args = p.parse_args(argv)
     command = "python -m lesionstudio.synthesize " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
-        stack = load_stack(args.latent, args.hub or args.checkpoints, device=args.device)
-        rows = synthesize(
-            args.out, args.n, stack, settings_from_args(args), args.seed, args.batch_size, command=command
-        )
+        rows = run(args, command)
     except (CheckpointError, ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     classes: dict[str, int] = {}

@@ -186,3 +186,36 @@ def test_save_and_reload_identical(tmp_path: Path):
     lab = torch.tensor([1])
     assert torch.equal(prior.eval()(codes, lab), again(codes, lab))
     assert torch.equal(sample(prior, 1, seed=2), sample(again, 1, seed=2))
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 128])
+def test_incremental_equals_naive_at_every_grid_size(size: int):
+    """A class-conditional prior on a coarse grid, in float64: drawn positions in the first row,
+    the middle and the last (the vertical stack runs through every row between them), and at
+    16 and 32 whole grids."""
+    torch.manual_seed(size)
+    prior = GatedPixelCNN(
+        num_codes=16,
+        channels=8,
+        num_layers=3,
+        num_classes=2,
+        grid_size=size,
+        cond_num_codes=8,
+        cond_grid_size=size // 2,
+    )
+    for p in prior.parameters():
+        p.data.normal_(0, 0.3)
+    prior = prior.double().eval()
+    codes = torch.randint(0, 16, (2, size, size))
+    coarse = torch.randint(0, 8, (2, size // 2, size // 2))
+    mask = torch.zeros(2, size, size, dtype=torch.bool)
+    mask[:, 0, :4] = True
+    mask[0, size // 2, 3:9] = True
+    mask[1, size - 1, -6:] = True
+    args = {"seed": size, "fills": 1, "labels": [0, 1], "coarse": coarse}
+    naive = inpaint(prior, codes, mask, method="naive", **args)
+    assert torch.equal(inpaint(prior, codes, mask, **args), naive)
+    assert not torch.equal(naive[mask], codes[mask])
+    if size <= 32:
+        whole = {"seed": [1, 2], "labels": [1, 0], "coarse": coarse}
+        assert torch.equal(sample(prior, 2, **whole), sample(prior, 2, method="naive", **whole))

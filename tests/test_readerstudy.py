@@ -16,6 +16,7 @@ from lesionstudio.app.readerstudy import (
     Trial,
     answers_csv,
     append_log,
+    draw_plan,
     plan_trials,
     summarize,
     wilson_interval,
@@ -270,3 +271,38 @@ def test_check_log_accepts_new_empty_and_own_logs_only(tmp_path: Path):
         check_log(tmp_path)
     with pytest.raises(ReaderStudyError, match="does not exist"):
         check_log(tmp_path / "no" / "such" / "log.csv")
+
+
+def test_the_draw_plan_draws_the_first_synthetic_images_first_then_the_rest_in_order():
+    trials = plan_trials(FILES, 20, seed=3)
+    synthetic = [t for t in trials if t.real_path is None]
+    first, *rest = draw_plan(trials, ahead=2, chunk=2)
+    assert first == [t for t in synthetic if t.index <= 2]
+    assert [t for batch in [first, *rest] for t in batch] == synthetic  # each once, in trial order
+    assert all(1 <= len(batch) <= 2 for batch in rest) and all(t.index > 2 for batch in rest for t in batch)
+    assert draw_plan(trials, ahead=len(trials), chunk=1) == [synthetic]  # all drawn up front
+    with pytest.raises(ValueError, match="chunk"):
+        draw_plan(trials, ahead=2, chunk=0)
+
+
+def test_draws_ahead_wait_only_for_the_batches_due():
+    from concurrent.futures import Future
+
+    from lesionstudio.app.ui import DrawsAhead, PendingDraw
+
+    def pending(indices: list[int]) -> PendingDraw:
+        return PendingDraw([Trial(i, "synthetic", seed=i) for i in indices], Future())
+
+    early, late = pending([3, 5]), pending([8])
+    draws = DrawsAhead(limit=2)
+    study = draws.add([early, late])
+    early.images.set_result({3: "image 3", 5: "image 5"})
+    assert draws.collect(study, upto=4) == {3: "image 3", 5: "image 5"}  # late is not waited for
+    assert draws.collect(study, upto=4) == {}  # collected once
+    late.images.set_exception(ReaderStudyError("the sampler failed"))
+    with pytest.raises(ReaderStudyError, match="failed"):
+        draws.collect(study, upto=8)
+    first = draws.add([pending([1])])
+    draws.add([])
+    draws.add([])
+    assert draws.collect(first, upto=9) == {}  # past the limit the oldest study is dropped

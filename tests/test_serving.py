@@ -23,7 +23,9 @@ from lesionstudio.app.serving import (
     SamplerWorker,
     TimingLog,
     request_workers,
+    sampler_processes,
     set_thread_budget,
+    split_seeds,
 )
 from lesionstudio.app.studio import Studio, StudioError
 
@@ -123,7 +125,7 @@ class Whereabouts:
 @pytest.fixture(params=[False, True], ids=["thread", "process"])
 def worker(request, studio: Studio) -> SamplerWorker:
     """A worker in this process and one in a process of its own: the same queue either way."""
-    return SamplerWorker(Harness(studio), process=request.param)
+    return SamplerWorker(Harness(studio), process=request.param, processes=1)
 
 
 def hold(worker: SamplerWorker) -> threading.Thread:
@@ -232,13 +234,31 @@ def test_the_sampler_process_draws_on_one_thread_and_leaves_the_apps_setting_alo
     assert SamplerWorker(Harness(studio), process=False).run(Whereabouts()) == (os.getpid(), threads)
 
 
+def test_sampler_processes_share_a_request_seed_by_seed(studio: Studio):
+    worker = SamplerWorker(Harness(studio), process=True, processes=2)
+    assert len(set(worker.pids)) == 2 and os.getpid() not in worker.pids
+    seeds = [5, 6, 7]
+    out = worker.generate(studio.request(32), seeds)
+    for got, want in zip(arrays(out.images), arrays(studio.generate(32, n=3, seed=seeds)), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert worker.run(Recorded()) == [[5, 6]]  # the first process drew the first share; the other [7]
+    assert worker.generate(studio.request(32), [8]).timing.batch == 1  # one seed: the first process draws it
+    assert worker.submit(Recorded()).result(timeout=60) == [[5, 6], [8]]  # queued like run, not waited on
+
+
+def test_seeds_are_shared_in_runs_as_even_as_can_be():
+    assert split_seeds([1, 2, 3, 4, 5], 2) == [[1, 2, 3], [4, 5]]
+    assert split_seeds([7], 4) == [[7]]  # never an empty share
+    assert split_seeds([1, 2, 3, 4], 3) == [[1, 2], [3], [4]]
+
+
 def test_a_sampler_process_that_dies_is_restarted(studio: Studio):
-    worker = SamplerWorker(Harness(studio), process=True)
+    worker = SamplerWorker(Harness(studio), process=True, processes=2)
     settings = studio.request(32)
-    first = worker.pid
-    os.kill(first, signal.SIGKILL)  # between jobs: the next request is simply served
+    first = worker.pids
+    os.kill(first[1], signal.SIGKILL)  # between jobs: the next request is simply served
     time.sleep(0.5)
-    assert len(worker.generate(settings, [1]).images) == 1 and worker.pid != first
+    assert len(worker.generate(settings, [1, 2]).images) == 2 and not set(worker.pids) & set(first)
     worker.studio.started.clear()  # while working: that request gets a clear error, the next is served
     threads, results = in_threads([lambda: worker.run(Nap(30))])
     assert worker.studio.started.wait(30)
@@ -293,8 +313,9 @@ def test_through_the_app_sampler_work_never_overlaps_and_no_request_changes_the_
     studio: Studio, tmp_path: Path, monkeypatch
 ):
     """Generations, inpaintings and reconstructs sent at once through the API: the draws and
-    inpaintings run one at a time in the sampler's own process, the reconstructs in the app's,
-    and the app's thread setting is never touched."""
+    inpaintings run one job at a time in the sampler's own processes (a draw's seeds shared
+    among them, at once), the reconstructs in the app's, and the app's thread setting is never
+    touched."""
     from conftest import free_port, lesion_image
     from gradio_client import Client, handle_file
     from PIL import Image
@@ -352,11 +373,13 @@ def test_through_the_app_sampler_work_never_overlaps_and_no_request_changes_the_
         spans = [(name, int(pid), float(a), float(b)) for name, pid, a, b in lines]
         assert {pid for name, pid, *_ in spans if name == "reconstruct"} == {os.getpid()}
         assert os.getpid() not in {pid for name, pid, *_ in spans if name != "reconstruct"}
-        sampler = sorted((start, end) for name, _, start, end in spans if name in ("draw", "inpaint"))
+        sampler = sorted((start, end, name, pid) for name, pid, start, end in spans if name in ("draw", "inpaint"))
         assert len([n for n, *_ in spans if n == "inpaint"]) == 2
         assert len([n for n, *_ in spans if n == "reconstruct"]) == 4
-        for (_, end), (start, _) in zip(sampler, sampler[1:], strict=False):
-            assert end <= start  # one at a time
+        for i, (_, end, name, pid) in enumerate(sampler):
+            for later_start, _, later_name, later_pid in sampler[i + 1 :]:
+                if later_start < end:  # overlapping: only two shares of one draw, in two processes
+                    assert name == later_name == "draw" and pid != later_pid
     finally:
         demo.close()
 
@@ -387,7 +410,8 @@ def test_the_sampler_process_goes_with_the_app(tmp_path: Path, stop: int):
                 assert proc.poll() is None and time.time() < deadline, "the app did not start"
                 time.sleep(0.5)
         children = psutil.Process(proc.pid).children()
-        assert [c.name() for c in children] == [psutil.Process(proc.pid).name()]  # the sampler, forked
+        # The sampler processes, forked: one a core.
+        assert [c.name() for c in children] == [psutil.Process(proc.pid).name()] * sampler_processes()
         proc.send_signal(stop)
         proc.wait(30)
         _, alive = psutil.wait_procs(children, timeout=30)

@@ -15,7 +15,7 @@ from lesionstudio.codes import file_sha256
 from lesionstudio.sampling.generation import GenerationSettings
 from lesionstudio.sampling.grid import sample
 from lesionstudio.sampling.loading import load_stack
-from lesionstudio.synthesize import COLUMNS, image_seed, synthesize
+from lesionstudio.synthesize import COLUMNS, Shard, image_seed, merge_metadata, synthesize
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,43 @@ def test_unconditional_prior_refuses_a_class(tmp_path: Path):
         synthesize(tmp_path / "o", 1, pair, GenerationSettings(class_name="benign"), show_progress=False)
     rows = synthesize(tmp_path / "o", 2, pair, show_progress=False)
     assert [r["class"] for r in rows] == ["", ""]
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every image and the metadata, byte for byte (not the README: it holds the time it was written)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "README.md"}
+
+
+def test_shares_make_the_same_files_as_one_process_and_resume(ckpts: Path, tmp_path: Path):
+    pair = load_stack(32, ckpts)
+    one, shared = tmp_path / "one", tmp_path / "shared"
+    synthesize(one, 5, pair, seed=3, batch_size=2, show_progress=False)
+    rows = synthesize(shared, 5, pair, seed=3, batch_size=2, show_progress=False, shard=Shard(1, 2))
+    assert [r["index"] for r in rows] == ["1", "3"] and not (shared / "metadata.csv").exists()
+    assert [p.name for p in shared.glob("metadata.part*")] == ["metadata.part1of2.csv"]
+    # The other share, as a resumed run of one process would finish it: it folds the share in.
+    synthesize(shared, 5, pair, seed=3, batch_size=3, show_progress=False, shard=Shard(0, 2))
+    assert merge_metadata(shared, pair) == 5 and not list(shared.glob("metadata.part*"))
+    assert files_of(shared) == files_of(one)
+    (shared / "synthetic_000003.png").unlink()  # interrupted: one process completes it
+    synthesize(shared, 5, pair, seed=3, show_progress=False)
+    assert files_of(shared) == files_of(one)
+    with pytest.raises(ValueError, match="rank"):
+        Shard(2, 2)
+
+
+@pytest.mark.parametrize("launch", ["workers", "torchrun"])
+def test_cli_shares_give_the_files_of_one_process(ckpts: Path, tmp_path: Path, launch: str):
+    # --images: torchrun's parser would take --n for one of its own options.
+    args = ["--images", "5", "--latent", "32", "--batch-size", "2", "--checkpoints", str(ckpts), "--seed", "4"]
+    one = run_module(["-m", "lesionstudio.synthesize", "--out", str(tmp_path / "one"), *args])
+    assert one.returncode == 0, one.stderr
+    if launch == "workers":
+        cmd = ["-m", "lesionstudio.synthesize", "--workers", "2"]
+    else:  # two ranks on this machine, gloo: as over several machines sharing the output folder
+        torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531"]
+        cmd = [*torchrun, "-m", "lesionstudio.synthesize"]
+    shared = run_module([*cmd, "--out", str(tmp_path / "shared"), *args])
+    assert shared.returncode == 0, shared.stderr
+    assert files_of(tmp_path / "shared") == files_of(tmp_path / "one")
+    assert "- images: 5 (" in (tmp_path / "shared" / "README.md").read_text()

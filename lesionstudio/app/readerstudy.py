@@ -78,6 +78,20 @@ def plan_trials(
     ]
 
 
+def draw_plan(trials: Sequence[Trial], ahead: int, chunk: int) -> list[list[Trial]]:
+    """The synthetic trials in the batches they are drawn in: first those among the first
+    ``ahead`` + 1 trials (drawn before the study starts), then the rest in order, ``chunk`` at
+    a time, drawn while the reader answers. Showing trial t waits for every batch that holds
+    a trial up to t + ``ahead``, whether t itself is real or synthetic: a wait then says little
+    about the image it comes before."""
+    if ahead < 0 or chunk < 1:
+        raise ValueError("ahead must be at least 0 and chunk at least 1")
+    synthetic = [t for t in trials if t.real_path is None]
+    first = [t for t in synthetic if t.index <= ahead]
+    rest = synthetic[len(first) :]
+    return [first] + [rest[i : i + chunk] for i in range(0, len(rest), chunk)]
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

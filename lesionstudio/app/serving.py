@@ -5,14 +5,17 @@ in the order they arrive. Generation requests waiting together with the same set
 as one batch: a batch costs far less than its samples drawn one by one, and since each sample is
 drawn with its own seed, every request still gets exactly its own images.
 
-The worker is a process of its own, forked from the app once the default models are loaded (so
-it shares their memory): the sampler's per-code loop is Python, and in the app's process it would
-hold the interpreter lock that Gradio and every other request need. Jobs reach it as typed tasks
-(``Draw``, ``Inpaint``, ``QuizImages``: what to run on the Studio, and with what) over a pipe;
-progress, results and errors come back the same way.
-It runs on one torch thread: the per-code products gain nothing from more, and a process forked
-after OpenMP has run must not start more threads (libgomp hangs). Where fork is unavailable
-(macOS, Windows) the worker is a thread of the app's process instead, with the same queue.
+The worker is processes of their own (one a core by default), forked from the app once the
+default models are loaded (so they share their memory): the sampler's per-code loop is Python,
+and in the app's process it would hold the interpreter lock that Gradio and every other request
+need. Jobs reach them as typed tasks (``Draw``, ``Inpaint``, ``QuizImages``: what to run on the
+Studio, and with what) over pipes; progress, results and errors come back the same way. A
+generation's seeds are shared among the processes (each draws a run of them, at once), so an
+idle app draws one request on every core; other jobs run in the first process.
+Each runs on one torch thread: a process forked after OpenMP has run must not start more
+threads (libgomp hangs), and more processes use the cores better than threads would (the
+per-code loop is one thread's work). Where fork is unavailable (macOS, Windows) the worker is a
+thread of the app's process instead, with the same queue.
 
 The app's torch thread budget is set once, at start-up (:func:`set_thread_budget`), never around
 a request: the setting is process-wide, and threads first used while it was changed would keep it.
@@ -31,7 +34,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Protocol
@@ -167,28 +170,58 @@ class _Failed:
     error: Exception
 
 
-class SamplerWorker:
-    """The one queue for sampler work (see the module docstring). ``process=None`` chooses a
-    process where fork is available; False keeps the worker in this process (a thread)."""
+def sampler_processes(cores: int | None = None) -> int:
+    """Sampler processes for an app: one a core, so one request's samples are drawn on every
+    core at once when the app is idle (each process takes a share of the seeds)."""
+    return max(1, cores or os.cpu_count() or 1)
 
-    def __init__(self, studio: Studio, max_batch_draws: int = MAX_BATCH_DRAWS, process: bool | None = None) -> None:
+
+@dataclass
+class _Child:
+    """One sampler process (or, without fork, the one thread) and the app's end of its pipe."""
+
+    conn: Connection
+    handle: BaseProcess | threading.Thread
+
+
+class SamplerWorker:
+    """The one queue for sampler work (see the module docstring). ``process=None`` chooses
+    processes where fork is available; False keeps the worker in this process (a thread).
+    ``processes`` sampler processes share each generation's seeds (default: one a core)."""
+
+    def __init__(
+        self,
+        studio: Studio,
+        max_batch_draws: int = MAX_BATCH_DRAWS,
+        process: bool | None = None,
+        processes: int | None = None,
+    ) -> None:
         self.studio = studio
         self.max_batch_draws = max_batch_draws
         self.process = can_fork() if process is None else process
         if self.process and not can_fork():
             raise RuntimeError("a sampler process needs the fork start method (Linux)")
+        if processes is not None and processes < 1:
+            raise ValueError(f"processes must be at least 1, got {processes}")
+        self.processes = (processes or sampler_processes()) if self.process else 1
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._held: list[_Job] = []  # taken from the queue but not mergeable into the last batch
-        self._conn: Connection | None = None
-        self._child: BaseProcess | threading.Thread | None = None
-        self._start_child()
+        self._children: list[_Child] = []
+        self._start_children()
         self._thread = threading.Thread(target=self._loop, name="lesionstudio-sampler", daemon=True)
         self._thread.start()
 
     @property
+    def pids(self) -> list[int]:
+        """The processes the sampler runs in (this one when it is a thread)."""
+        return [
+            c.handle.pid if isinstance(c.handle, BaseProcess) and c.handle.pid else os.getpid() for c in self._children
+        ]
+
+    @property
     def pid(self) -> int:
-        """The process the sampler runs in (this one when it is a thread)."""
-        return self._child.pid if isinstance(self._child, BaseProcess) and self._child.pid else os.getpid()
+        """The first sampler process (the one plain jobs run in)."""
+        return self.pids[0]
 
     def generate(self, request: GenerationRequest, seeds: list[int], progress: Progress | None = None) -> Generated:
         """One image per seed, drawn by the worker (perhaps in a batch with other requests)."""
@@ -198,6 +231,12 @@ class SamplerWorker:
     def run(self, task: Task, progress: Progress | None = None) -> Any:
         """``task.run(studio)`` on the worker, after the jobs already queued (result must pickle)."""
         return self._submit(_Job(task), progress)
+
+    def submit(self, task: Task) -> Future:
+        """Queue ``task.run(studio)`` like ``run`` and return at once: the Future holds its result."""
+        job = _Job(task)
+        self._queue.put(job)
+        return job.future
 
     def waiting(self) -> int:
         return self._queue.qsize() + len(self._held)
@@ -213,7 +252,10 @@ class SamplerWorker:
                     waiting = f"waiting for the sampler ({n} request{'s' if n != 1 else ''} waiting)"
                     progress(job.progress, "sampling codes" if job.started else waiting)
 
-    def _start_child(self) -> None:
+    def _start_children(self) -> None:
+        self._children = [self._start_child() for _ in range(self.processes)]
+
+    def _start_child(self) -> _Child:
         ours, theirs = multiprocessing.Pipe()
         if self.process:
             child: BaseProcess | threading.Thread = multiprocessing.get_context("fork").Process(
@@ -224,7 +266,7 @@ class SamplerWorker:
         child.start()
         if self.process:
             theirs.close()  # the child's end lives in the child: its exit then reads as EOF here
-        self._conn, self._child = ours, child
+        return _Child(ours, child)
 
     def _loop(self) -> None:
         while True:
@@ -267,47 +309,84 @@ class SamplerWorker:
         return batch
 
     def _run(self, jobs: list[_Job]) -> tuple[list[Any], float]:
-        """Each job's result (a merged draw split back by request) and the worker's CPU seconds."""
+        """Each job's result (a merged draw split back by request) and the workers' CPU seconds."""
         first = jobs[0]
         if first.request is None:
-            done = self._ask(first.task, jobs)
-            return [done.result], done.cpu
+            done = self._ask([first.task], jobs)
+            return [done[0].result], done[0].cpu
         seeds = [s for job in jobs for s in job.task.seeds]
-        done = self._ask(Draw(first.request, seeds), jobs)
+        shares = split_seeds(seeds, self.processes)
+        done = self._ask([Draw(first.request, share) for share in shares], jobs, weights=[len(s) for s in shares])
+        images = [image for part in done for image in part.result]
         out, start = [], 0
         for job in jobs:
-            out.append(done.result[start : start + len(job.task.seeds)])
+            out.append(images[start : start + len(job.task.seeds)])
             start += len(job.task.seeds)
-        return out, done.cpu
+        return out, sum(part.cpu for part in done)
 
-    def _ask(self, task: Task, jobs: list[_Job]) -> _Done:
-        """Send the worker a task and relay its progress to the jobs until it answers."""
-        if isinstance(self._child, BaseProcess) and not self._child.is_alive():
-            self._restart()  # it died between jobs: nobody was waiting on it
-        assert self._conn is not None
+    def _ask(self, tasks: list[Task], jobs: list[_Job], weights: list[int] | None = None) -> list[_Done]:
+        """Send task k to sampler process k, relay their progress to the jobs (weighted by
+        ``weights``) until every one has answered, and return the answers in order."""
+        if any(isinstance(c.handle, BaseProcess) and not c.handle.is_alive() for c in self._children):
+            self._restart()  # one died between jobs: nobody was waiting on it
+        children = self._children[: len(tasks)]
+        weights = weights or [1] * len(tasks)
+        fractions = [0.0] * len(tasks)
+        answers: dict[int, _Done] = {}
         try:
-            self._conn.send(task)
-            while True:
-                message = self._conn.recv()
-                if isinstance(message, _Progress):
-                    for job in jobs:
-                        job.progress = message.fraction
-                elif isinstance(message, _Failed):
-                    raise message.error
-                else:
-                    return message
-        except (EOFError, OSError) as exc:  # the process died (killed, out of memory)
+            for child, task in zip(children, tasks, strict=True):
+                child.conn.send(task)
+            while len(answers) < len(tasks):
+                for conn in wait([c.conn for k, c in enumerate(children) if k not in answers]):
+                    k = next(k for k, c in enumerate(children) if c.conn is conn)
+                    message = conn.recv()
+                    if isinstance(message, _Progress):
+                        fractions[k] = message.fraction
+                    elif isinstance(message, _Failed):
+                        self._drain(children, answers, k)
+                        raise message.error
+                    else:
+                        answers[k] = message
+                        fractions[k] = 1.0
+                done = sum(f * w for f, w in zip(fractions, weights, strict=True)) / sum(weights)
+                for job in jobs:
+                    job.progress = done
+        except (EOFError, OSError) as exc:  # a process died (killed, out of memory)
             self._restart()
             raise SamplerError(
                 "The sampler stopped while drawing this request and has been restarted; please try again."
             ) from exc
+        return [answers[k] for k in range(len(tasks))]
+
+    def _drain(self, children: list[_Child], answers: dict[int, _Done], failed: int) -> None:
+        """After one share failed, wait for the others' answers, so none is read by a later job."""
+        for k, child in enumerate(children):
+            while k != failed and k not in answers:
+                message = child.conn.recv()
+                if not isinstance(message, _Progress):
+                    answers[k] = message
 
     def _restart(self) -> None:
-        if isinstance(self._child, BaseProcess):
-            self._child.join(timeout=5)
-        if self._conn is not None:
-            self._conn.close()
-        self._start_child()
+        """Stop every sampler process (the others may be mid-share of a failed draw) and start anew."""
+        for child in self._children:
+            child.conn.close()
+            if isinstance(child.handle, BaseProcess):
+                if child.handle.is_alive():
+                    child.handle.terminate()
+                child.handle.join(timeout=5)
+        self._start_children()
+
+
+def split_seeds(seeds: list[int], parts: int) -> list[list[int]]:
+    """The seeds in at most ``parts`` runs of consecutive seeds, as even as can be, in order."""
+    parts = max(1, min(parts, len(seeds)))
+    size, extra = divmod(len(seeds), parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + size + (k < extra)
+        out.append(seeds[start:end])
+        start = end
+    return out
 
 
 def can_fork() -> bool:

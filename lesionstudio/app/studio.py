@@ -390,7 +390,7 @@ class Studio:
         """One sample per seed, in one batch (no limit on its size: the caller sets it)."""
         stack = self.stack(request.latent)
         drawn = draw_samples(stack, request.settings, seeds, progress)
-        return [to_pil(img) for img in stack.render(drawn.codes)]
+        return [to_pil(img) for img in stack.images(drawn)]
 
     @torch.no_grad()
     def inpaint(

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,17 @@ from ..sampling.generation import (
     MAX_LAYOUTS,
     GenerationSettings,
 )
-from .readerstudy import REAL, SYNTHETIC, ReaderStudyError, Session, answers_csv, append_log, summarize
+from .readerstudy import (
+    REAL,
+    SYNTHETIC,
+    ReaderStudyError,
+    Session,
+    Trial,
+    answers_csv,
+    append_log,
+    draw_plan,
+    summarize,
+)
 from .serving import Inpaint, QuizImages, SamplerWorker, TimingLog, request_workers
 from .studio import (
     MAX_SAMPLES,
@@ -530,8 +542,10 @@ def build(
     examples: list[str] | None = None,
     quiz_log: Path | None = None,
     timings: TimingLog | None = None,
+    sampler_processes: int | None = None,
 ) -> gr.Blocks:
-    app = App(studio, SamplerWorker(studio), ResultFiles(), timings or TimingLog(None), examples)
+    sampler = SamplerWorker(studio, processes=sampler_processes)
+    app = App(studio, sampler, ResultFiles(), timings or TimingLog(None), examples)
     with gr.Blocks(title="LesionStudio", delete_cache=(600, 600)) as demo:
         gr.Markdown("# LesionStudio\nVQ-VAE + Gated PixelCNN for dermoscopic skin-lesion images.")
         gr.Markdown(NOTICE, elem_id="notice")
@@ -554,13 +568,57 @@ def build(
     return demo
 
 
+QUIZ_AHEAD = 2  # trials past the one shown whose synthetic images must be drawn before it shows
+
+
 @dataclass
 class QuizState:
-    """One reader's study in the browser session: the answers so far and the synthetic images
-    drawn ahead, by trial index."""
+    """One reader's study in the browser session: the answers so far, the synthetic images
+    drawn, by trial index, and the key of those still being drawn (``DrawsAhead``)."""
 
     session: Session
     drawn: dict[int, Any] = field(default_factory=dict)
+    study: str = ""
+
+
+@dataclass
+class PendingDraw:
+    trials: list[Trial]
+    images: Future  # of {trial index: image}, from the sampler
+
+
+class DrawsAhead:
+    """The reader studies' synthetic images still being drawn, per study: each batch's trials
+    and the sampler's Future for them. The server holds them (a browser session's state is
+    copied, and a Future is not data); past ``limit`` studies the oldest is dropped."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self._studies: dict[str, list[PendingDraw]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, pending: list[PendingDraw]) -> str:
+        study = uuid.uuid4().hex
+        with self._lock:
+            self._studies[study] = pending
+            while len(self._studies) > self.limit:
+                self._studies.pop(next(iter(self._studies)))
+        return study
+
+    def collect(self, study: str, upto: int) -> dict[int, Any]:
+        """The images of every batch holding a trial up to index ``upto``, waiting for them."""
+        with self._lock:
+            pending = self._studies.get(study, [])
+            due = [p for p in pending if min(t.index for t in p.trials) <= upto]
+            self._studies[study] = [p for p in pending if p not in due]
+        drawn: dict[int, Any] = {}
+        for p in due:
+            drawn |= p.images.result()
+        return drawn
+
+    def forget(self, study: str) -> None:
+        with self._lock:
+            self._studies.pop(study, None)
 
 
 def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None, sampler: SamplerWorker) -> None:
@@ -572,9 +630,11 @@ def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None, sampler:
     if quiz_log:
         gr.Markdown(f"Each answer is also appended to the server's log (`{quiz_log.name}`), with the reader id.")
     session = gr.State(None)
+    ahead = DrawsAhead()
 
     def shown(q: QuizState) -> tuple:
         trial = q.session.current()
+        q.drawn |= ahead.collect(q.study, trial.index + QUIZ_AHEAD)
         img = q.drawn.pop(trial.index, None)
         if img is None:  # a real image: it loads at once
             img = studio.quiz_real_image(trial)
@@ -583,10 +643,13 @@ def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None, sampler:
     @user_errors
     def start(reader: str, n: float, seed: float, progress=gr.Progress()):
         q = QuizState(Session(studio.quiz_trials(int(n), int(seed)), reader))
-        # Synthetic images are drawn before the study starts: drawing one while the reader waits
-        # would take seconds where a real one appears at once, and give the answer away.
-        synthetic = [t for t in q.session.trials if t.real_path is None]
-        q.drawn = sampler.run(QuizImages(synthetic), progress=lambda f, desc: progress(f, desc=desc))
+        # The first synthetic images are drawn before the study starts and the rest while the
+        # reader answers, always ahead of the image shown (readerstudy.draw_plan): drawing one
+        # while the reader waits would take seconds where a real one appears at once.
+        first, *rest = draw_plan(q.session.trials, QUIZ_AHEAD, sampler.processes)
+        if first:
+            q.drawn = sampler.run(QuizImages(first), progress=lambda f, desc: progress(f, desc=desc))
+        q.study = ahead.add([PendingDraw(batch, sampler.submit(QuizImages(batch))) for batch in rest])
         return q, *shown(q), gr.update(visible=True), "", None
 
     @user_errors
@@ -600,6 +663,7 @@ def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None, sampler:
             append_log(quiz_log, a)
         if not q.session.finished:
             return q, *shown(q), gr.update(), "", None
+        ahead.forget(q.study)
         answers = q.session.answers
         path = files.path("reader_study_answers.csv")
         path.write_text(answers_csv(answers))

@@ -5,9 +5,8 @@ Two samplers give the same codes for the same seed:
 * ``method="naive"`` runs the whole network once per sampled code (h*w forward passes): simple,
   slow, kept as the reference for tests and benchmarks;
 * ``method="incremental"`` (default) caches every layer's activations and computes for each new
-  code only what that code changes (the idea of Ramachandran et al., "Fast Generation for
-  Convolutional Autoregressive Models", 2017): the vertical stack once per row, the horizontal
-  stack and the head once per position, batched over the samples.
+  code only what that code changes (``lesionstudio.sampling.incremental``): the vertical stack
+  once per row, the horizontal stack and the head once per position, batched over the samples.
 
 Both draw Gumbel noise for the sampled positions, row by row in raster order, from a generator
 seeded with ``seed`` (on the CPU, so a seed means the same noise on any device) and pick
@@ -25,9 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..models.pixelcnn import GatedLayer, GatedPixelCNN, gate
+from ..models.pixelcnn import GatedPixelCNN
+from .incremental import IncrementalSampler
 
 Progress = Callable[[float], None]
 LabelsArg = int | Sequence[int] | torch.Tensor | None
@@ -254,7 +253,12 @@ def _fill(draw: Draw) -> torch.Tensor:
         raise ValueError(f"method must be 'incremental' or 'naive', got {draw.method!r}")
     b, h, w = codes.shape
     sampler = IncrementalSampler(draw.prior, b, h, w, labels, draw.coarse, draw.guidance)
-    return sampler.fill(codes, draw.mask, draw.temperature, draw.top_k, draw.gen, draw.progress)
+    weight = draw.prior.embedding.weight
+
+    def noise(count: int) -> torch.Tensor:
+        return row_noise(draw.gen, count, b, draw.prior.num_codes, weight)
+
+    return sampler.fill(codes, draw.mask, draw.temperature, draw.top_k, noise, draw.progress)
 
 
 def _fill_naive(draw: Draw, codes: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -275,182 +279,3 @@ def _fill_naive(draw: Draw, codes: torch.Tensor, labels: torch.Tensor | None) ->
         if draw.progress:
             draw.progress(done / total)
     return codes
-
-
-@dataclass
-class LayerWeights:
-    """One gated layer's horizontal-stack weights, laid out for per-column matrix products."""
-
-    layer: GatedLayer
-    kw: int  # horizontal kernel width
-    h_in: torch.Tensor  # [(C, kw), 2C]
-    h_bias: torch.Tensor  # [2C]
-    h_out: torch.Tensor  # [C, C]
-    out_bias: torch.Tensor  # [C]
-    windows: list[torch.Tensor]  # per column: the input window ending there, a view [B, C, kw]
-
-
-class IncrementalSampler:
-    """Cached-activation sampler for one batch of grids (see the module docstring).
-
-    Per layer it keeps the last p+1 rows of the vertical stack's input, the vertical stack's
-    contribution to the current row of the horizontal stack, and the current row of the
-    horizontal stack's input. Rows are stored [p + W, B, C] (p zero columns on the left) with
-    per-column views made once, so the hot loop does list look-ups and matrix products and
-    writes results in place; per-op overhead, not arithmetic, is what costs on a CPU here.
-    """
-
-    def __init__(
-        self,
-        prior: GatedPixelCNN,
-        batch: int,
-        height: int,
-        width: int,
-        labels: torch.Tensor | None,
-        coarse: torch.Tensor | None = None,
-        guidance: float = 1.0,
-    ):
-        self.prior, self.b, self.h, self.w = prior, batch, height, width
-        self.p = p = prior.kernel_size // 2
-        self.c = c = prior.channels
-        weight = prior.embedding.weight
-        self.emb = weight.detach()
-        opts = {"dtype": weight.dtype, "device": weight.device}
-        n_layers = len(prior.layers)
-        # Vertical-stack inputs of each layer: rows r-p..r (zeros above the grid).
-        self.vbuf = [torch.zeros(batch, c, p + 1, width, **opts) for _ in range(n_layers)]
-        # Horizontal-stack input rows: hbuf[l] is layer l's input, hbuf[-1] the last output.
-        self.hbuf = [torch.zeros(width + p, batch, c, **opts) for _ in range(n_layers + 1)]
-        self.hcols = [list(buf.unbind(0)) for buf in self.hbuf]  # column views [B, C]
-        self.vh: list[list[torch.Tensor]] = []  # per layer, per column: [B, 2C] vertical contribution
-        self.specs: list[LayerWeights] = []
-        # The conditions' part of the gates. The coarse grid's is made row by row from its
-        # features ([B, C, h, w]): kept per layer ([B, 2C, h, w] each) it would take hundreds of MB.
-        self.labels = labels
-        self.coarse_feats = None
-        if coarse is not None and prior.condition is not None:
-            # At the coarse grid's size; each fine row is upsampled when needed (nearest: a copy).
-            self.coarse_feats = prior.coarse_features(coarse, tuple(coarse.shape[1:]), guidance).detach()
-            rows = torch.arange(coarse.shape[1], dtype=torch.float32)[None, None, :, None]
-            self.coarse_rows = F.interpolate(rows, size=(height, 1), mode="nearest").long().flatten().tolist()
-        self.class_biases = [layer.bias(labels, None) for layer in prior.layers]
-        for layer, buf in zip(prior.layers, self.hbuf[:-1], strict=True):
-            kw = layer.h_width
-            self.specs.append(
-                LayerWeights(
-                    layer=layer,
-                    kw=kw,
-                    h_in=layer.h_conv.weight.detach().reshape(2 * c, c * kw).t().contiguous(),
-                    h_bias=layer.h_conv.bias.detach(),
-                    h_out=layer.h_out.weight.detach().reshape(c, c).t().contiguous(),
-                    out_bias=layer.h_out.bias.detach(),
-                    windows=list(buf.unfold(0, kw, 1).unbind(0)),
-                )
-            )
-        head = prior.head
-        self.w1, self.b1 = head[1].weight.detach().reshape(c, c).t().contiguous(), head[1].bias.detach()
-        k = prior.num_codes
-        self.w2, self.b2 = head[3].weight.detach().reshape(k, c).t().contiguous(), head[3].bias.detach()
-
-    def _bias_of_row(self, i: int, r: int) -> torch.Tensor | None:
-        """Layer i's condition term for row r: [B, 2C, 1, W or 1], or None."""
-        if self.coarse_feats is None:
-            return self.class_biases[i]
-        src = self.coarse_rows[r]
-        row = F.interpolate(self.coarse_feats[:, :, src : src + 1], size=(1, self.w), mode="nearest")
-        return self.prior.layers[i].bias(self.labels, row)
-
-    def _first_row(self) -> None:
-        self.vh = []
-        for i, spec in enumerate(self.specs):
-            base = (spec.layer.v_to_h.bias + spec.h_bias).detach()[None, None, :]
-            cond = self._bias_of_row(i, 0)
-            if cond is not None:
-                base = base + cond[:, :, 0, :].transpose(1, 2)  # [B, W or 1, 2C]
-            self.vh.append(list(base.expand(self.b, self.w, -1).unbind(1)))
-
-    def _push_row(self, row_codes: torch.Tensor, r: int) -> None:
-        """Feed finished row r - 1 to the vertical stack; compute its contribution to row r."""
-        x = F.embedding(row_codes, self.emb).permute(0, 2, 1)[:, :, None, :]  # [B, C, 1, W]
-        p = self.p
-        self.vh = []
-        for i, spec in enumerate(self.specs):
-            layer = spec.layer
-            self.vbuf[i] = torch.cat([self.vbuf[i][:, :, 1:], x], dim=2)
-            v_pre = F.conv2d(F.pad(self.vbuf[i], (p, p, 0, 0)), layer.v_conv.weight, layer.v_conv.bias)
-            above, here = self._bias_of_row(i, r - 1), self._bias_of_row(i, r)
-            if above is not None:
-                v_pre = v_pre + above
-            vh = layer.v_to_h(v_pre)[:, :, 0, :].permute(0, 2, 1) + spec.h_bias
-            if here is not None:
-                vh = vh + here[:, :, 0, :].transpose(1, 2)
-            self.vh.append(list(vh.expand(self.b, self.w, -1).unbind(1)))
-            x = gate(v_pre)
-
-    def _prefix(self, row_codes: torch.Tensor, end: int) -> None:
-        """Horizontal stack for the known columns [0, end) of the current row, all at once."""
-        p = self.p
-        self.hbuf[0][p:] = F.embedding(row_codes, self.emb).transpose(0, 1)
-        if end == 0:
-            return
-        for i, spec in enumerate(self.specs):
-            windows = self.hbuf[i][: end + spec.kw - 1].unfold(0, spec.kw, 1)  # [end, B, C, kw]
-            x = windows.reshape(end, self.b, self.c * spec.kw)
-            pre = x @ spec.h_in + torch.stack(self.vh[i][:end])
-            out = gate(pre.permute(1, 2, 0)).permute(2, 0, 1) @ spec.h_out + spec.out_bias
-            if i > 0:
-                out = out + self.hbuf[i][p : p + end]
-            self.hbuf[i + 1][p : p + end] = out
-
-    def _position(self, col: int) -> torch.Tensor:
-        """Horizontal stack and head at one column of the current row: logits [B, K]."""
-        q, b = col + self.p, self.b
-        hcols, vh = self.hcols, self.vh
-        for i, spec in enumerate(self.specs):
-            pre = torch.addmm(vh[i][col], spec.windows[col].reshape(b, -1), spec.h_in)
-            a, g = pre.chunk(2, dim=1)
-            g = torch.tanh(a) * torch.sigmoid(g)
-            torch.addmm(hcols[i][q] + spec.out_bias if i else spec.out_bias, g, spec.h_out, out=hcols[i + 1][q])
-        hid = torch.relu(torch.addmm(self.b1, torch.relu(hcols[-1][q]), self.w1))
-        return torch.addmm(self.b2, hid, self.w2)
-
-    def fill(
-        self,
-        codes: torch.Tensor,
-        mask: torch.Tensor,
-        temperature: float,
-        top_k: int | None,
-        gen: Generators,
-        progress: Progress | None = None,
-    ) -> torch.Tensor:
-        any_mask = mask.any(0)
-        rows = torch.nonzero(any_mask.any(1)).flatten().tolist()
-        if not rows:
-            return codes
-        total = int(any_mask.sum())
-        done = 0
-        first_cols = self.hcols[0]
-        self._first_row()
-        for r in range(rows[-1] + 1):
-            if r > 0:
-                self._push_row(codes[:, r - 1], r)
-            cols = torch.nonzero(any_mask[r]).flatten().tolist()
-            if not cols:
-                continue  # nothing to sample in this row: only the vertical stack needs it
-            noise = row_noise(gen, len(cols), codes.shape[0], self.prior.num_codes, self.emb)
-            full = bool(mask[:, r].all())  # every grid samples every column of this row
-            row = codes[:, r]
-            self._prefix(row, cols[0])
-            masked = set(cols)
-            j = 0
-            for col in range(cols[0], cols[-1] + 1):
-                logits = self._position(col)
-                if col in masked:
-                    new = choose(logits, noise[j], temperature, top_k)
-                    j += 1
-                    row[:, col] = new if full else torch.where(mask[:, r, col], new, row[:, col])
-                torch.index_select(self.emb, 0, row[:, col], out=first_cols[col + self.p])
-            done += len(cols)
-            if progress:
-                progress(done / total)
-        return codes

@@ -31,6 +31,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,13 @@ class ModelStack:
             return self.decoder.decode_codes(codes, chunk)
         return self.vqvae.decode_codes(codes, chunk)
 
+    def images(self, drawn: StackSample, chunk: int = 4) -> torch.Tensor:
+        """Images of drawn samples as ``render`` gives them (as saved): the ones the critic
+        judged where the VQ-VAE's own decoder renders (not decoded twice), else rendered."""
+        if self.decoder is None and drawn.judged is not None:
+            return drawn.judged
+        return self.render(drawn.codes, chunk)
+
     @property
     def levels(self) -> list[ModelStack]:
         """Every level, coarsest first (this one last)."""
@@ -112,6 +120,8 @@ class StackSample:
     levels: list[torch.Tensor]  # code grids [n, h_i, w_i] of every level, coarsest first
     labels: torch.Tensor | None  # [n] class ids (class-conditional priors)
     scores: torch.Tensor | None = None  # [n] realism scores of ranked samples (> 0: looks real)
+    # [n, 3, H, W] as the critic judged them (the VQ-VAE's decoder, as saved), or None
+    judged: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def codes(self) -> torch.Tensor:
@@ -243,15 +253,21 @@ def choose_layouts(
     return grids.view(n, k, *grids.shape[1:])[torch.arange(n), scores.argmax(1).to(grids.device)]
 
 
+class Judged(NamedTuple):
+    images: torch.Tensor  # [B, 3, H, W], by the VQ-VAE's own decoder, as saved
+    realism: torch.Tensor  # [B]
+
+
 @torch.no_grad()
-def judge_codes(stack: ModelStack, codes: torch.Tensor) -> torch.Tensor:
-    """The critic's realism score [B] of finest-level grids [B, h, w]. Judged as saved (the
-    shape head's segmentation can tip on a pixel's last fraction of a level), and as the
-    VQ-VAE's own decoder renders them: what the critic was trained on. So the choice of codes
-    does not depend on which decoder renders the kept ones."""
+def judge_codes(stack: ModelStack, codes: torch.Tensor) -> Judged:
+    """The critic's realism score [B] of finest-level grids [B, h, w], with the images it
+    judged. Judged as saved (the shape head's segmentation can tip on a pixel's last fraction
+    of a level), and as the VQ-VAE's own decoder renders them: what the critic was trained on.
+    So the choice of codes does not depend on which decoder renders the kept ones."""
     if stack.critic is None:
         raise ValueError("judging samples needs a realism critic (a critic/ folder beside the checkpoints)")
-    return stack.critic.judge(as_saved(stack.vqvae.decode_codes(codes))).realism
+    images = as_saved(stack.vqvae.decode_codes(codes))
+    return Judged(images, stack.critic.judge(images).realism)
 
 
 @torch.no_grad()
@@ -291,10 +307,12 @@ def sample_ranked(
         layout = choose_layouts(stack, seeds, layouts, first, lab, _split(progress, 0.0, share))
         progress = _split(progress, share, 1.0)
     drawn = sample_stack(stack, n * m, temperature, seeds, lab, progress, guidance=guidance, layout=layout)
-    scores = judge_codes(stack, drawn.codes).view(n, m)
+    judged = judge_codes(stack, drawn.codes)
+    scores = judged.realism.view(n, m)
     keep = torch.arange(n) * m + scores.argmax(1)
     kept_labels = None if drawn.labels is None else drawn.labels[keep.to(drawn.labels.device)]
-    return StackSample([g[keep.to(g.device)] for g in drawn.levels], kept_labels, scores.max(1).values)
+    levels = [g[keep.to(g.device)] for g in drawn.levels]
+    return StackSample(levels, kept_labels, scores.max(1).values, judged.images[keep.to(judged.images.device)])
 
 
 def coarse_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
