@@ -636,6 +636,8 @@ def quiz_tab(studio: Studio, files: ResultFiles, quiz_log: Path | None, sampler:
         trial = q.session.current()
         q.drawn |= ahead.collect(q.study, trial.index + QUIZ_AHEAD)
         img = q.drawn.pop(trial.index, None)
+        if img is None and trial.real_path is None:  # its study was dropped from DrawsAhead: draw it now
+            img = sampler.run(QuizImages([trial]))[trial.index]
         if img is None:  # a real image: it loads at once
             img = studio.quiz_real_image(trial)
         return files.png(img), f"Image {trial.index + 1} of {len(q.session.trials)}"

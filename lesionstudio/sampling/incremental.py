@@ -47,7 +47,7 @@ def _threadpools() -> ThreadpoolController:
 
 def one_blas_thread() -> AbstractContextManager:
     """NumPy's BLAS held to one thread while sampling: its products here are small, and its
-    threads would contend for the cores with torch's (measured: twice the time at batch 128)."""
+    threads would contend for the cores with torch's (docs/performance.md)."""
     return _threadpools().limit(limits=1, user_api="blas")
 
 
@@ -226,32 +226,38 @@ class IncrementalSampler:
         self.vertical = vertical_weights(prior)
         self.horizontal = horizontal_weights(prior, dtype)
         self.conditions = RowConditions(prior, labels, coarse, height, width, guidance)
-        n_layers, b, c, p = len(prior.layers), batch, self.c, self.p
+        self._vertical_buffers(weight)
+        self._horizontal_buffers(dtype)
+
+    def _vertical_buffers(self, weight: torch.Tensor) -> None:
+        b, w, c, p = self.b, self.w, self.c, self.p
         opts = {"dtype": weight.dtype, "device": self.device}
-        # Vertical-stack input rows r-p..r of each layer (a ring of p + 1 slots), channels last,
-        # p zero columns each side.
-        self.vbuf = [torch.zeros(b, p + 1, width + 2 * p, c, **opts) for _ in range(n_layers)]
-        # Horizontal-stack input rows (hbuf[l] is layer l's input, hbuf[-1] the last output),
-        # p zero columns on the left; and each layer's vertical contribution [B, W, 2C].
-        self.hbuf = [np.zeros((b, p + width, c), dtype) for _ in range(n_layers + 1)]
-        self.vh = [np.zeros((b, width, 2 * c), dtype) for _ in range(n_layers)]
-        self.vh_t = [torch.from_numpy(v) for v in self.vh]  # the same memory, for torch to write
-        self.vh_flat = [v.view(b * width, 2 * c) for v in self.vh_t]
+        # Input rows r-p..r of each layer (a ring of p + 1 slots), channels last, p zero columns each side.
+        self.vbuf = [torch.zeros(b, p + 1, w + 2 * p, c, **opts) for _ in self.vertical]
         # Per ring phase, each layer's slot for the newest row (between the zero columns).
-        self.slots = [[buf[:, f, p : p + width] for buf in self.vbuf] for f in range(p + 1)]
-        self.direct = self.device.type == "cpu" and self.vh_t[0].dtype == weight.dtype
+        self.slots = [[buf[:, f, p : p + w] for buf in self.vbuf] for f in range(p + 1)]
+
+    def _horizontal_buffers(self, dtype: type) -> None:
+        b, w, c, p = self.b, self.w, self.c, self.p
+        # Input rows (hbuf[l] is layer l's input, hbuf[-1] the last output), p zero columns on
+        # the left; and each layer's vertical contribution [B, W, 2C], which torch writes.
+        self.hbuf = [np.zeros((b, p + w, c), dtype) for _ in range(len(self.horizontal) + 1)]
+        self.vh = [np.zeros((b, w, 2 * c), dtype) for _ in self.horizontal]
+        self.vh_t = [torch.from_numpy(v) for v in self.vh]  # the same memory
+        self.vh_flat = [v.view(b * w, 2 * c) for v in self.vh_t]
+        self.direct = self.device.type == "cpu" and self.vh_t[0].dtype == self.emb.dtype
         self.pre = np.zeros((b, 2 * c), dtype)
         self.gated = np.ones((b, 2 * c + 1), dtype)  # [t_a, t_b then t_a * t_b, 1]
         self.gates, self.a, self.g = self.gated[:, : 2 * c], self.gated[:, :c], self.gated[:, c : 2 * c]
         self.out = np.zeros((b, c), dtype)
-        head = prior.head
+        head = self.prior.head
         self.head_in = np.ones((b, c + 1), dtype)
         self.hidden_pre = np.zeros((b, c), dtype)
         self.hidden = np.ones((b, c + 1), dtype)
         self.head_view, self.hidden_view = self.head_in[:, :c], self.hidden[:, :c]  # the last columns stay 1
         self.w1 = as_numpy(torch.cat([head[1].weight.reshape(c, c).t(), head[1].bias[None]]), dtype)
         self.w2 = as_numpy(torch.cat([head[3].weight.reshape(-1, c).t(), head[3].bias[None]]), dtype)
-        self.logits = np.zeros((b, prior.num_codes), dtype)
+        self.logits = np.zeros((b, self.prior.num_codes), dtype)
 
     def steps(self, col: int) -> list[LayerStep]:
         """Every layer's views for one column, made once per fill."""
