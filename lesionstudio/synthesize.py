@@ -420,7 +420,7 @@ def run_torchrun(job: ShareJob, shard: Shard, command: str) -> None:
 
 def run(args: argparse.Namespace, command: str) -> list[dict[str, str]]:
     """The command's set: drawn by this process, by ``--workers`` processes, or by this
-    torchrun rank and the others; its n rows once complete."""
+    torchrun rank and the others; its n rows once complete (none on a torchrun rank but 0)."""
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
     settings = settings_from_args(args)
@@ -435,6 +435,8 @@ def run(args: argparse.Namespace, command: str) -> list[dict[str, str]]:
         return synthesize(args.out, args.n, stack, settings, args.seed, args.batch_size, command=command)
     if shard is not None:
         run_torchrun(job, shard, command)
+        if shard.rank > 0:
+            return []  # rank 0 reports the set
     else:
         # Checked here first: a folder made with other settings is refused before any worker starts.
         stack = load_stack(args.latent, source, device=args.device)
@@ -478,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = run(args, command)
     except (CheckpointError, ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from exc
+    if not rows:
+        return
     classes: dict[str, int] = {}
     for r in rows:
         classes[r["class"] or "unconditional"] = classes.get(r["class"] or "unconditional", 0) + 1
