@@ -188,12 +188,17 @@ def merge_metadata(out: str | Path, stack: ModelStack, command: str = "") -> int
     rows = read_rows(out)
     if not rows:
         raise ValueError(f"{out} holds no synthetic images to merge")
+    finish_set(out, rows, stack, command)
+    return len(rows)
+
+
+def finish_set(out: Path, rows: dict[str, dict[str, str]], stack: ModelStack, command: str) -> None:
+    """Write every row of the set to metadata.csv, remove the shares' files and write the README."""
     _write_metadata(out / METADATA, rows)
     for part in out.glob(f"{PART_PREFIX}*.csv"):
         part.unlink()
     record = next(iter(rows.values()))
     atomic_write(out / "README.md", _readme(record, stack, len(rows), command).encode())
-    return len(rows)
 
 
 def _write_metadata(path: Path, rows: dict[str, dict[str, str]]) -> None:
@@ -358,8 +363,8 @@ def synthesize(
     bar.close()
     if shard.world > 1:
         return [mine[file_name(i)] for i in share]
-    merge_metadata(out, stack, command)  # also folds in the rows of an earlier sharded run's shares
-    rows = read_metadata(out / METADATA)
+    rows.update(mine)  # with the rows of an earlier sharded run's shares, read at the start
+    finish_set(out, rows, stack, command)
     return [rows[file_name(i)] for i in range(n)]
 
 
@@ -437,14 +442,15 @@ def run(args: argparse.Namespace, command: str) -> list[dict[str, str]]:
         run_torchrun(job, shard, command)
         if shard.rank > 0:
             return []  # rank 0 reports the set
-    else:
-        # Checked here first: a folder made with other settings is refused before any worker starts.
-        stack = load_stack(args.latent, source, device=args.device)
-        check_folder(args.out, record_of(stack, settings.resolved(stack), args.seed))
-        run_workers(job, args.workers)
-        merge_metadata(args.out, stack, command)
-    rows = read_metadata(args.out / METADATA)
-    return [rows[file_name(i)] for i in range(args.n)] if rows else []
+        rows = read_metadata(args.out / METADATA)
+        return [rows[file_name(i)] for i in range(args.n)]
+    # Checked here first: a folder made with other settings is refused before any worker starts.
+    stack = load_stack(args.latent, source, device=args.device)
+    check_folder(args.out, record_of(stack, settings.resolved(stack), args.seed))
+    run_workers(job, args.workers)
+    rows = read_rows(args.out)
+    finish_set(args.out, rows, stack, command)
+    return [rows[file_name(i)] for i in range(args.n)]
 
 
 def main(argv: list[str] | None = None) -> None:

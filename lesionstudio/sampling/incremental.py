@@ -217,7 +217,7 @@ class IncrementalSampler:
         coarse: torch.Tensor | None = None,
         guidance: float = 1.0,
     ) -> None:
-        self.prior, self.b, self.h, self.w = prior, batch, height, width
+        self.prior, self.b, self.w = prior, batch, width
         self.p, self.c, self.k = prior.kernel_size // 2, prior.channels, prior.kernel_size
         weight = prior.embedding.weight
         self.device, dtype = weight.device, numpy_dtype(weight.dtype)
