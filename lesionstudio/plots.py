@@ -93,3 +93,39 @@ def error_heatmap(recon: torch.Tensor, target: torch.Tensor, vmax: float = 0.25)
     frac = (pos - lo)[..., None]
     rgb = stops[lo] * (1 - frac) + stops[lo + 1] * frac
     return Image.fromarray(rgb.astype(np.uint8))
+
+
+def downstream_figure(result: dict, title: str = "Benign/malignant AUC on held-out real images") -> go.Figure:
+    """AUC against the training-set size N (log axis), one line per kind of training set, each
+    point with its 95% interval, from ``lesionstudio.downstream``'s JSON. "All" real images sit
+    at their count."""
+    all_real = sum(result["images"]["train"].values())
+    lines: dict[str, list[dict]] = {}
+    for arm in result["arms"]:
+        if arm["kind"] == "augmented":
+            key = f"N real + {arm['synthetic'] // arm['real']}N synthetic"
+        else:
+            key = {"TRTR": "N real (TRTR)", "TSTR": "N synthetic (TSTR)"}[arm["kind"]]
+        n = arm["synthetic"] if arm["kind"] == "TSTR" else (arm["real"] or all_real)
+        lines.setdefault(key, []).append({"n": n, **arm["auc"]})
+    fig = go.Figure()
+    for key, points in lines.items():
+        points.sort(key=lambda p: p["n"])
+        fig.add_trace(
+            go.Scatter(
+                x=[p["n"] for p in points],
+                y=[p["estimate"] for p in points],
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [p["high"] - p["estimate"] for p in points],
+                    "arrayminus": [p["estimate"] - p["low"] for p in points],
+                },
+                mode="lines+markers",
+                name=key,
+            )
+        )
+    fig.update_xaxes(type="log", title_text="N, training images of the arm's kind (class-balanced)")
+    fig.update_yaxes(title_text="AUC (mean over training seeds, 95% interval)")
+    fig.update_layout(title=title, height=460, width=760, template="plotly_white")
+    return fig
