@@ -36,7 +36,8 @@ import json
 import math
 import tempfile
 import warnings
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from .cli import HelpFormatter
 from .data import ImageLoadError, as_uint8, eval_transform, find_images, load_image, split_files
 from .measure.features import EncoderFeatures, compute, feature_model
+from .measure.metrics import psnr
 from .measure.twosample import YARDSTICK, TestDesign, TwoSampleResult, blurred, load_uint8, two_sample_test
 from .models.critic import FitSettings
 from .models.hubmodel import CheckpointError
@@ -193,6 +195,30 @@ def decoded_teacher_forced(
     return as_uint8(torch.cat(out))
 
 
+@dataclass(frozen=True)
+class Transplant:
+    """Reconstructions given back ``share`` x another image's lost detail, and the mean PSNR of
+    each image against its real one, beside the reconstructions' own."""
+
+    images: torch.Tensor
+    psnr: float
+    recon_psnr: float
+
+
+def detail_transplanted(images: torch.Tensor, recon: torch.Tensor, share: float, seed: int = 0) -> Transplant:
+    """Reconstructions plus ``share`` x the detail they lost (image minus reconstruction) of another
+    image of the set: real texture that the codes do not determine, as a decoder that invents
+    perfect texture would add it. Since that detail is unrelated to the image's own, its error
+    adds to the reconstruction's (share 1: twice the squared error, 3 dB less PSNR)."""
+    if len(images) < 2:
+        raise ValueError("a transplant needs at least 2 images")
+    gen = torch.Generator().manual_seed(seed)
+    donor = (torch.arange(len(images)) + torch.randint(1, len(images), (), generator=gen)) % len(images)
+    lost = images.float() - recon.float()
+    out = (recon.float() + share * lost[donor]).round().clamp(0, 255).to(torch.uint8)
+    return Transplant(out, psnr(out, images, 255).mean().item(), psnr(recon, images, 255).mean().item())
+
+
 def c2st_calibration(
     real_files: list[Path],
     settings: FitSettings,
@@ -200,6 +226,7 @@ def c2st_calibration(
     stack: ModelStack | None = None,
     design: TestDesign | None = None,
     controls: bool = True,
+    transplants: Sequence[float] = (),
 ) -> dict[str, TwoSampleResult]:
     """The test on known differences: real vs real and vs blurred real (the ``controls``), vs
     reconstructions, vs decoded teacher-forced draws of ``stack`` and, where it has a post-trained
@@ -214,9 +241,16 @@ def c2st_calibration(
         rows["real vs real"] = two_sample_test(a, b, settings, design)
         rows["real vs blurred real (sigma 1 px)"] = two_sample_test(a, blurred(b, 1.0), settings, design)
     if vqvae is not None:
-        rows[f"real vs {vqvae.latent_size}x{vqvae.latent_size} VQ-VAE reconstructions"] = two_sample_test(
-            a, reconstructions(b, vqvae), settings, design
-        )
+        side = f"{vqvae.latent_size}x{vqvae.latent_size}"
+        recon = reconstructions(b, vqvae)
+        rows[f"real vs {side} VQ-VAE reconstructions"] = two_sample_test(a, recon, settings, design)
+        for share in transplants:
+            t = detail_transplanted(b, recon, share, settings.seed)
+            name = (
+                f"real vs {side} reconstructions + {share:g} x another image's lost detail "
+                f"(PSNR {t.psnr:.2f} dB; the reconstructions' {t.recon_psnr:.2f} dB)"
+            )
+            rows[name] = two_sample_test(a, t.images, settings, design)
     if stack is not None:
         which = "post-trained" if stack.decoder is not None else "VQ-VAE's own"
         name = f"real vs decoded {stack.latent}x{stack.latent} teacher-forced draws ({which} decoder)"
@@ -262,6 +296,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="calibration without its real-vs-real and blur rows (to add a row to an earlier run: same --seed)",
     )
+    p.add_argument(
+        "--transplant",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="SHARE",
+        help="calibration rows: --reconstruct-with's reconstructions plus SHARE x another image's lost detail",
+    )
     p.add_argument("--c2st-epochs", type=int, default=YARDSTICK.epochs, help="the test classifier's epochs")
     p.add_argument("--c2st-crops", type=int, default=YARDSTICK.crops, help="random texture crops per image and step")
     p.add_argument(
@@ -281,6 +323,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     args = p.parse_args(argv)
+    if args.transplant and not (args.c2st_calibrate and args.reconstruct_with):
+        p.error("--transplant is a calibration row: it needs --c2st-calibrate and --reconstruct-with")
     if args.generated is None and not args.c2st_calibrate:
         p.error("--generated is required (except with --c2st-calibrate)")
     return args
@@ -295,7 +339,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.c2st_calibrate:
             vq = VQVAE.from_pretrained(args.reconstruct_with).eval() if args.reconstruct_with else None
             stack = None if args.teacher_forced is None else load_stack(args.teacher_forced, args.checkpoints)
-            rows = c2st_calibration(real_files, settings, vq, stack, design, controls=not args.no_controls)
+            rows = c2st_calibration(
+                real_files, settings, vq, stack, design, controls=not args.no_controls, transplants=args.transplant
+            )
             for name, r in rows.items():
                 print_c2st(name, r)
             if args.json:

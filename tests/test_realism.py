@@ -14,6 +14,7 @@ from lesionstudio.data import as_saved
 from lesionstudio.data import to_pil as to_image
 from lesionstudio.measure.twosample import TestDesign, blurred, two_sample_test
 from lesionstudio.models.critic import FitSettings, RealismCritic
+from lesionstudio.quality import detail_transplanted
 from lesionstudio.sampling import loading
 from lesionstudio.sampling.generation import GenerationSettings, sample_labels
 from lesionstudio.sampling.stack import CANDIDATE_SEED_OFFSET, sample_ranked, sample_stack
@@ -49,6 +50,23 @@ def test_the_yardstick_sees_a_one_pixel_blur_that_the_plain_texture_branch_misse
     assert abs(same.texture_accuracy - 0.5) <= 0.15 and abs(same.layout_accuracy - 0.5) <= 0.2, same
     plain = two_sample_test(real, blurred(other, 1.0), settings, TestDesign(channels=8, texture_highpass=False))
     assert plain.texture_accuracy < blur.texture_accuracy
+
+
+def test_transplanted_detail_costs_what_unrelated_detail_should():
+    """Reconstructions given back another image's lost detail: share 0 is the reconstruction; at
+    share 1 the unrelated detail doubles the squared error (3 dB), as for a decoder that invents
+    texture as rich as the real one."""
+    images = lesions(16, 0, size=32)
+    recon = blurred(images, 1.0)
+    none = detail_transplanted(images, recon, 0.0)
+    assert torch.equal(none.images, recon)
+    full = detail_transplanted(images, recon, 1.0, seed=3)
+    assert none.psnr - full.psnr == pytest.approx(3.0, abs=0.6)
+    own = (images.float() - recon.float()).abs().sum((1, 2, 3))
+    moved = (full.images.float() - recon.float()).abs().sum((1, 2, 3))
+    assert not torch.allclose(own, moved)  # each image got another's detail, not its own
+    with pytest.raises(ValueError, match="at least 2"):
+        detail_transplanted(images[:1], recon[:1], 1.0)
 
 
 def test_critic_training_with_several_crops_per_image_keeps_one_crop_as_before():
@@ -175,17 +193,21 @@ def test_quality_c2st_and_calibration_commands(tmp_path: Path, stack_with_critic
             "32",
             "--checkpoints",
             str(stack_with_critic),
+            "--transplant",
+            "1",
             "--json",
         ]
     )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])
-    assert set(rows) == {
+    transplant = [r for r in rows if r.startswith("real vs 32x32 reconstructions + 1 x another image's lost detail (")]
+    assert set(rows) - set(transplant) == {
         "real vs real",
         "real vs blurred real (sigma 1 px)",
         "real vs 32x32 VQ-VAE reconstructions",
         "real vs decoded 32x32 teacher-forced draws (VQ-VAE's own decoder)",
     }
+    assert len(transplant) == 1
     res = run_module(["-m", "lesionstudio.quality", "--real", str(tmp_path / "real")])
     assert res.returncode != 0 and "--generated is required" in res.stderr
 
