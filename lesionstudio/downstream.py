@@ -60,7 +60,7 @@ class DownstreamError(ValueError):
 class Protocol:
     sizes: tuple[int, ...] = (100, 400)  # N: the scarce training-set sizes, each class-balanced
     multiples: tuple[int, ...] = (1, 2)  # augmentation adds M = k x N synthetic images
-    seeds: int = 5
+    seeds: int = 4
     replicates: int = 2000  # bootstrap replicates
     design: ClassifierDesign = field(default_factory=ClassifierDesign)
 
@@ -386,6 +386,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a tiny protocol for tests (few steps, 32 px, 2 seeds)")
     p.add_argument("--json-out", type=Path, default=None, help="write the result as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="write the AUC-against-N plot (HTML) here")
+    p.add_argument("--title", default=None, help="the plot's title (e.g. which models drew the synthetic images)")
     p.add_argument("--from-json", type=Path, default=None, help="report (table, --plot) a saved result, no training")
     args = p.parse_args(argv)
     if args.from_json is None and not (args.real and args.labels and args.synthetic):
@@ -432,7 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json_out and not args.from_json:
         atomic_write(args.json_out, (json.dumps(result, indent=1) + "\n").encode())
     if args.plot:
-        downstream_figure(result).write_html(args.plot, include_plotlyjs=True)
+        figure = downstream_figure(result, args.title) if args.title else downstream_figure(result)
+        figure.write_html(args.plot, include_plotlyjs=True, config={"displayModeBar": False})
 
 
 if __name__ == "__main__":

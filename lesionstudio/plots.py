@@ -109,11 +109,14 @@ def downstream_figure(result: dict, title: str = "Benign/malignant AUC on held-o
         n = arm["synthetic"] if arm["kind"] == "TSTR" else (arm["real"] or all_real)
         lines.setdefault(key, []).append({"n": n, **arm["auc"]})
     fig = go.Figure()
-    for key, points in lines.items():
+    for i, (key, points) in enumerate(lines.items()):
         points.sort(key=lambda p: p["n"])
+        dodge = 1.03 ** (i - (len(lines) - 1) / 2)  # lines side by side, so that no interval hides another
         fig.add_trace(
             go.Scatter(
-                x=[p["n"] for p in points],
+                x=[p["n"] * dodge for p in points],
+                customdata=[p["n"] for p in points],
+                hovertemplate="N = %{customdata}: AUC %{y:.3f}",
                 y=[p["estimate"] for p in points],
                 error_y={
                     "type": "data",

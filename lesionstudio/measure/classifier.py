@@ -22,7 +22,7 @@ class ClassifierDesign:
     channels: int = 16  # of the first block; each later block doubles it
     blocks: int = 4
     convs: int = 2  # per block, the last one striding
-    steps: int = 500
+    steps: int = 300
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 5e-4
