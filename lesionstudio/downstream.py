@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import multiprocessing
 import os
@@ -131,7 +132,7 @@ class LabelledImages:
 @dataclass(frozen=True)
 class DataSets:
     train: LabelledImages  # real training split
-    test: LabelledImages  # real validation split
+    test: LabelledImages  # real held-out images (the validation split, or --test)
     synthetic: LabelledImages
 
 
@@ -150,10 +151,7 @@ def training_set(arm: Arm, seed: int, data: DataSets) -> LabelledImages:
     if arm.synthetic:
         gen = torch.Generator().manual_seed(subset_seed(seed, "synthetic", arm.synthetic))
         parts.append(data.synthetic.balanced(arm.synthetic, gen))
-    out = parts[0]
-    for part in parts[1:]:
-        out = out + part
-    return out
+    return functools.reduce(LabelledImages.__add__, parts)
 
 
 @dataclass(frozen=True)
