@@ -62,7 +62,8 @@ class LesionClassifier(nn.Module):
 
 
 def augment(images: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Each image of a float batch [B, 3, S, S] flipped/rotated (one of 8) and shifted at random."""
+    """Each image of a float batch [B, 3, S, S] flipped/rotated (one of 8, its own), then the batch
+    shifted by one random offset of up to ``shift`` px (reflect-padded)."""
     views = torch.randint(0, 8, (len(images),), generator=gen)
     out = images.clone()
     for k in views.unique().tolist():
