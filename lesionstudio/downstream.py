@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from .cli import HelpFormatter
-from .data import ImageLoadError, find_images, read_labels, split_files
+from .data import ImageLoadError, LesionImageFolder, find_images, split_files
 from .files import atomic_write
 from .measure.auc import Interval, Resamples, auc_difference, mean_auc, per_seed
 from .measure.classifier import ClassifierDesign, malignancy_scores, train_classifier
@@ -289,16 +289,13 @@ def class_label(name: str, source: Path | str) -> int:
 
 def read_real(root: Path, labels_csv: Path, split: str, size: int) -> LabelledImages:
     """The labelled images of one of the trainers' splits of a real folder (unlabelled ones skipped)."""
-    labels = read_labels(labels_csv)
-    files, classes = [], []
-    for path in split_files(find_images(root), split):
-        name = labels.lookup(path, root)
-        if name in (NEGATIVE, POSITIVE):
-            files.append(path)
-            classes.append(class_label(name, labels_csv))
-    if not files:
+    files = split_files(find_images(root), split)
+    folder = LesionImageFolder(root, labels_csv=labels_csv, classes=(NEGATIVE, POSITIVE), files=files)
+    labelled = [i for i, target in enumerate(folder.targets) if target >= 0]
+    if not labelled:
         raise DownstreamError(f"no {NEGATIVE}/{POSITIVE} labels in {labels_csv} for the {split} split of {root}")
-    return LabelledImages(load_uint8(files, size), torch.tensor(classes))
+    images = load_uint8([folder.files[i] for i in labelled], size)
+    return LabelledImages(images, torch.tensor([folder.targets[i] for i in labelled]))
 
 
 def load_data(real: Path, labels_csv: Path, synthetic: Sequence[Path], size: int, test: Path | None = None) -> DataSets:
